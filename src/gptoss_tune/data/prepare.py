@@ -1,0 +1,223 @@
+"""`prepare`: rows in any shape -> a `datasets.load_from_disk` folder of input_ids + labels.
+
+The folder is written to a temporary sibling and renamed when complete; it holds `prepare.json`
+with the options, the vocabulary hash and statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gptoss_tune import __version__
+from gptoss_tune.data.conversation import Conversation
+from gptoss_tune.data.load import SourceRow, iter_rows
+from gptoss_tune.data.shapes import FORMATS, detect_format, normalize
+from gptoss_tune.errors import DataError, GptossTuneError
+from gptoss_tune.harmony import tokens as T
+from gptoss_tune.harmony.labels import POLICIES, make_labels
+from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, render
+from gptoss_tune.harmony.vocab import VOCAB_SHA256
+
+PREPARE_INFO = "prepare.json"
+HISTOGRAM_EDGES = (0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    template: str = "hf"
+    date: str = DEFAULT_DATE
+    reasoning_effort: str = "medium"
+    loss_on: str = "turns"
+    format: str = "auto"
+    max_length: int | None = None
+    truncate: bool = False
+    skip_invalid: bool = False
+    split: str | None = None
+    subset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in POLICIES:
+            raise GptossTuneError(f"Unknown --loss-on '{self.loss_on}': use one of {', '.join(POLICIES)}.")
+        if self.format not in FORMATS:
+            raise GptossTuneError(f"Unknown --format '{self.format}': use one of {', '.join(FORMATS)}.")
+        if self.max_length is not None and self.max_length < 2:
+            raise GptossTuneError("--max-length must be at least 2.")
+        self.render_options()  # validates template, date and effort
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(self.template, self.date, self.reasoning_effort)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    source_index: int
+    turn: int  # which assistant block of the conversation (0 unless --loss-on turns)
+
+
+@dataclass
+class PrepareStats:
+    rows: int = 0
+    conversations: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_system_messages: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        counts = [0] * (len(HISTOGRAM_EDGES))
+        for length in self.lengths:
+            bucket = sum(1 for edge in HISTOGRAM_EDGES[1:] if length > edge)
+            counts[bucket] += 1
+        labels = [f"<= {edge}" for edge in HISTOGRAM_EDGES[1:]] + [f"> {HISTOGRAM_EDGES[-1]}"]
+        stats = {k: v for k, v in asdict(self).items() if k not in ("lengths", "skipped")}
+        stats["skipped"] = dict(sorted(self.skipped.items()))
+        stats["length_histogram"] = {label: n for label, n in zip(labels, counts, strict=True) if n}
+        stats["max_length"] = max(self.lengths, default=0)
+        stats["mean_length"] = round(sum(self.lengths) / len(self.lengths), 1) if self.lengths else 0
+        return stats
+
+
+def examples_for(conversation: Conversation, options: PrepareOptions) -> Iterator[Example]:
+    """The examples of one conversation under the label policy (before length limits)."""
+    render_options = options.render_options()
+    if options.loss_on == "turns":
+        for turn, (_, last) in enumerate(conversation.assistant_blocks()):
+            rendered = render(conversation.truncated(last), render_options)
+            yield Example(rendered.ids, make_labels(rendered, "last"), conversation.source_index, turn)
+    else:
+        rendered = render(conversation, render_options)
+        yield Example(rendered.ids, make_labels(rendered, options.loss_on), conversation.source_index, 0)
+
+
+def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) -> Example | None:
+    if options.max_length is None or len(example.input_ids) <= options.max_length:
+        return example
+    if options.truncate:
+        head = Example(example.input_ids[: options.max_length], example.labels[: options.max_length],
+                       example.source_index, example.turn)
+        if any(label != T.IGNORE_INDEX for label in head.labels):
+            stats.truncated += 1
+            return head
+    stats.skipped["too_long"] += 1
+    return None
+
+
+def iter_conversations(rows: Iterator[SourceRow], options: PrepareOptions,
+                       stats: PrepareStats) -> Iterator[Conversation]:
+    fmt = None if options.format == "auto" else options.format
+    for index, row in enumerate(rows):
+        stats.rows += 1
+        try:
+            if row.error is not None:
+                raise row.error
+            fmt = fmt or detect_format(row)
+            conversation = normalize(row, fmt, index)
+        except DataError as exc:
+            if not options.skip_invalid:
+                raise
+            stats.skipped[exc.reason] += 1
+            continue
+        stats.conversations += 1
+        stats.dropped_system_messages += conversation.dropped_messages
+        yield conversation
+
+
+def build_examples(rows: Iterator[SourceRow], options: PrepareOptions, stats: PrepareStats,
+                   on_row: Callable[[], None] = lambda: None) -> list[Example]:
+    examples: list[Example] = []
+    for conversation in iter_conversations(rows, options, stats):
+        on_row()
+        for example in examples_for(conversation, options):
+            trained = sum(1 for label in example.labels if label != T.IGNORE_INDEX)
+            if trained == 0:
+                stats.skipped["no_trained_tokens"] += 1
+                continue
+            fitted = _fit_length(example, options, stats)
+            if fitted is None:
+                continue
+            examples.append(fitted)
+            stats.examples += 1
+            stats.tokens += len(fitted.input_ids)
+            stats.trained_tokens += sum(1 for label in fitted.labels if label != T.IGNORE_INDEX)
+            stats.lengths.append(len(fitted.input_ids))
+    return examples
+
+
+def _to_dataset(examples: list[Example]):
+    import datasets
+
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "source_index": datasets.Value("int64"),
+        "turn": datasets.Value("int32"),
+        "length": datasets.Value("int32"),
+        "num_trained": datasets.Value("int32"),
+    })
+    columns = {
+        "input_ids": [e.input_ids for e in examples],
+        "labels": [e.labels for e in examples],
+        "source_index": [e.source_index for e in examples],
+        "turn": [e.turn for e in examples],
+        "length": [len(e.input_ids) for e in examples],
+        "num_trained": [sum(1 for x in e.labels if x != T.IGNORE_INDEX) for e in examples],
+    }
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def write_prepared(examples: list[Example], info: dict, output: Path, overwrite: bool) -> None:
+    """Write the dataset folder atomically: a temporary sibling renamed into place when complete."""
+    if output.exists() and not overwrite and any(output.iterdir()):
+        raise GptossTuneError(f"{output} already exists and is not empty; pass --overwrite or choose another --output.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        _to_dataset(examples).save_to_disk(str(tmp))
+        (tmp / PREPARE_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare(source: str, output: str | Path, options: PrepareOptions, overwrite: bool = False,
+            progress: Callable[[], None] = lambda: None) -> dict:
+    """Prepare `source` into `output`; returns the prepare.json content."""
+    started = time.perf_counter()
+    stats = PrepareStats()
+    examples = build_examples(iter_rows(source, options.split, options.subset), options, stats, progress)
+    if not examples:
+        skipped = ", ".join(f"{k}: {v}" for k, v in stats.skipped.items()) or "no rows"
+        raise GptossTuneError(f"{source}: no example to write ({skipped}).")
+    info = {
+        "gptoss_tune_version": __version__,
+        "source": str(source),
+        "options": asdict(options),
+        "vocab": {"file": "o200k_base.tiktoken", "sha256": VOCAB_SHA256},
+        "stats": stats.summary(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_prepared(examples, info, Path(output), overwrite)
+    return info
+
+
+def read_prepare_info(directory: str | Path) -> dict:
+    path = Path(directory) / PREPARE_INFO
+    if not path.is_file():
+        raise GptossTuneError(f"{directory}: not a prepared dataset (no {PREPARE_INFO}); run `gptoss-tune prepare`.")
+    return json.loads(path.read_text())

@@ -1,0 +1,119 @@
+"""Find the o200k_base vocabulary that gpt-oss's tokenizer (o200k_harmony) is built on, offline if possible.
+
+Order: $GPTOSS_TUNE_VOCAB (the file), $TIKTOKEN_ENCODINGS_BASE (a folder holding it), our cache,
+the `bpe-openai` wheel (which ships it gzipped), then a download into the cache. Each candidate
+is checked against the known sha256, so a truncated or foreign file is never used.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from gptoss_tune.errors import GptossTuneError
+
+VOCAB_FILE = "o200k_base.tiktoken"
+VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "gptoss-tune"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _from_bpe_openai() -> bytes | None:
+    try:
+        import bpe_openai
+    except ImportError:
+        return None
+    packed = Path(bpe_openai.__file__).parent / "data" / f"{VOCAB_FILE}.gz"
+    return gzip.decompress(packed.read_bytes()) if packed.is_file() else None
+
+
+def _download() -> bytes:
+    with urllib.request.urlopen(VOCAB_URL, timeout=60) as response:
+        return response.read()
+
+
+def resolve_vocab_file() -> Path:
+    """Return the path of a verified o200k_base.tiktoken, fetching it into the cache if needed."""
+    looked: list[str] = []
+
+    def verified(path: Path, label: str) -> Path | None:
+        if not path.is_file():
+            looked.append(f"{label}: {path} (not found)")
+            return None
+        if _sha256(path) != VOCAB_SHA256:
+            looked.append(f"{label}: {path} (wrong sha256)")
+            return None
+        return path
+
+    if env_file := os.environ.get("GPTOSS_TUNE_VOCAB"):
+        if found := verified(Path(env_file), "$GPTOSS_TUNE_VOCAB"):
+            return found
+    if env_dir := os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
+        if found := verified(Path(env_dir) / VOCAB_FILE, "$TIKTOKEN_ENCODINGS_BASE"):
+            return found
+    cached = cache_dir() / VOCAB_FILE
+    if found := verified(cached, "cache"):
+        return found
+
+    for label, fetch in (("the bpe-openai package", _from_bpe_openai), (VOCAB_URL, _download)):
+        try:
+            data = fetch()
+        except OSError as exc:
+            looked.append(f"{label} ({exc})")
+            continue
+        if data is None:
+            looked.append(f"{label} (not installed)")
+            continue
+        if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
+            looked.append(f"{label} (wrong sha256)")
+            continue
+        _write_atomically(cached, data)
+        return cached
+
+    places = "\n  - ".join(looked)
+    raise GptossTuneError(
+        f"Cannot find the o200k_base vocabulary ({VOCAB_FILE}). Looked in:\n  - {places}\n"
+        "Fix: `pip install bpe-openai==0.1.4` (ships it), or put the file in a folder and set "
+        "TIKTOKEN_ENCODINGS_BASE to that folder, or set GPTOSS_TUNE_VOCAB to the file."
+    )
+
+
+@functools.cache
+def harmony_encoding():
+    """openai-harmony's HARMONY_GPT_OSS encoding, loaded from the resolved vocabulary."""
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    vocab = resolve_vocab_file()
+    # openai-harmony reads the vocabulary from this folder (and would download it otherwise).
+    if vocab.name != VOCAB_FILE:
+        linked = cache_dir() / VOCAB_FILE
+        if not linked.is_file():
+            _write_atomically(linked, vocab.read_bytes())
+        vocab = linked
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocab.parent)
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
