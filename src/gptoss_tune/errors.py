@@ -14,8 +14,15 @@ class GptossTuneError(Exception):
 class DataError(GptossTuneError):
     """Bad input data: names the file, the row and the field."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: str | None = None, field: str | None = None,
-                 reason: str = "invalid"):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: str | None = None,
+        field: str | None = None,
+        reason: str = "invalid",
+    ):
         self.file, self.row, self.field, self.reason, self.detail = file, row, field, reason, message
         where = ", ".join(part for part in (file, row, f"field '{field}'" if field else None) if part)
         super().__init__(f"{where}: {message}" if where else message)

@@ -66,9 +66,11 @@ def example_text(input_ids: list[int], labels: list[int], plain: bool) -> Text |
 def show_example(directory: str | Path, index: int, plain: bool, console: Console) -> None:
     info, row = load_example(directory, index)
     options = info["options"]
-    header = (f"example {index}: source row {row['source_index']}, turn {row['turn']}, "
-              f"{row['length']} tokens, {row['num_trained']} trained | loss_on={options['loss_on']} "
-              f"template={options['template']} date={options['date']} effort={options['reasoning_effort']}")
+    header = (
+        f"example {index}: source row {row['source_index']}, turn {row['turn']}, "
+        f"{row['length']} tokens, {row['num_trained']} trained | loss_on={options['loss_on']} "
+        f"template={options['template']} date={options['date']} effort={options['reasoning_effort']}"
+    )
     body = example_text(row["input_ids"], row["labels"], plain)
     if plain:
         print(header)
@@ -76,5 +78,7 @@ def show_example(directory: str | Path, index: int, plain: bool, console: Consol
         print(body)
     else:
         console.print(Text(header, style="bold"))
-        console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), "  ", ("special token", SPECIAL_STYLE)))
+        console.print(
+            Text.assemble("legend: ", ("trained", TRAINED_STYLE), "  ", ("special token", SPECIAL_STYLE))
+        )
         console.print(body)

@@ -29,7 +29,9 @@ class SourceRow:
 def bundled_sample_path() -> Path:
     from importlib import resources
 
-    return Path(str(resources.files("gptoss_tune.data").joinpath("samples/multilingual_thinking_sample.jsonl")))
+    return Path(
+        str(resources.files("gptoss_tune.data").joinpath("samples/multilingual_thinking_sample.jsonl"))
+    )
 
 
 def iter_rows(source: str, split: str | None = None, subset: str | None = None) -> Iterator[SourceRow]:
@@ -44,7 +46,9 @@ def iter_rows(source: str, split: str | None = None, subset: str | None = None) 
     elif _looks_like_hub_id(source):
         yield from _iter_hub(source, split, subset)
     else:
-        raise GptossTuneError(f"{source}: no such file or folder (and not a Hugging Face hub id 'owner/name').")
+        raise GptossTuneError(
+            f"{source}: no such file or folder (and not a Hugging Face hub id 'owner/name')."
+        )
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -63,7 +67,9 @@ def _iter_file(path: Path) -> Iterator[SourceRow]:
     elif suffix == ".csv":
         yield from _iter_csv(path)
     else:
-        raise GptossTuneError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(FILE_SUFFIXES)}.")
+        raise GptossTuneError(
+            f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(FILE_SUFFIXES)}."
+        )
 
 
 def _iter_json_lines(path: Path) -> Iterator[SourceRow]:
@@ -75,9 +81,16 @@ def _iter_json_lines(path: Path) -> Iterator[SourceRow]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield SourceRow(str(path), where, error=DataError(
-                    f"malformed JSON ({exc.msg} at column {exc.colno}); fix the line or pass --skip-invalid",
-                    file=str(path), row=where, reason="malformed_json"))
+                yield SourceRow(
+                    str(path),
+                    where,
+                    error=DataError(
+                        f"malformed JSON ({exc.msg} at column {exc.colno}); fix the line or pass --skip-invalid",
+                        file=str(path),
+                        row=where,
+                        reason="malformed_json",
+                    ),
+                )
                 continue
             yield _object_row(path, where, value)
 
@@ -85,8 +98,16 @@ def _iter_json_lines(path: Path) -> Iterator[SourceRow]:
 def _object_row(path: Path, where: str, value) -> SourceRow:
     if isinstance(value, dict):
         return SourceRow(str(path), where, data=value)
-    return SourceRow(str(path), where, error=DataError(
-        f"expected a JSON object, found {type(value).__name__}", file=str(path), row=where, reason="malformed_json"))
+    return SourceRow(
+        str(path),
+        where,
+        error=DataError(
+            f"expected a JSON object, found {type(value).__name__}",
+            file=str(path),
+            row=where,
+            reason="malformed_json",
+        ),
+    )
 
 
 def _iter_json(path: Path) -> Iterator[SourceRow]:
@@ -97,13 +118,19 @@ def _iter_json(path: Path) -> Iterator[SourceRow]:
         if exc.msg == "Extra data":  # JSON lines saved with a .json name
             yield from _iter_json_lines(path)
             return
-        raise DataError(f"malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
-                        file=str(path), reason="malformed_json") from None
+        raise DataError(
+            f"malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+            file=str(path),
+            reason="malformed_json",
+        ) from None
     if isinstance(value, dict):
         lists = [key for key, item in value.items() if isinstance(item, list)]
         if len(lists) != 1:
-            raise DataError("expected a list of objects (or an object holding exactly one list)", file=str(path),
-                            reason="unknown_shape")
+            raise DataError(
+                "expected a list of objects (or an object holding exactly one list)",
+                file=str(path),
+                reason="unknown_shape",
+            )
         value = value[lists[0]]
     if not isinstance(value, list):
         raise DataError("expected a list of objects", file=str(path), reason="unknown_shape")
@@ -138,8 +165,10 @@ def _iter_directory(path: Path, split: str | None) -> Iterator[SourceRow]:
         return
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     if not files:
-        raise GptossTuneError(f"{path}: the folder holds no {', '.join(FILE_SUFFIXES)} files and is not a "
-                              "datasets.save_to_disk folder.")
+        raise GptossTuneError(
+            f"{path}: the folder holds no {', '.join(FILE_SUFFIXES)} files and is not a "
+            "datasets.save_to_disk folder."
+        )
     for file in files:
         yield from _iter_file(file)
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,8 +107,12 @@ def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) 
     if options.max_length is None or len(example.input_ids) <= options.max_length:
         return example
     if options.truncate:
-        head = Example(example.input_ids[: options.max_length], example.labels[: options.max_length],
-                       example.source_index, example.turn)
+        head = Example(
+            example.input_ids[: options.max_length],
+            example.labels[: options.max_length],
+            example.source_index,
+            example.turn,
+        )
         if any(label != T.IGNORE_INDEX for label in head.labels):
             stats.truncated += 1
             return head
@@ -115,8 +120,9 @@ def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) 
     return None
 
 
-def iter_conversations(rows: Iterator[SourceRow], options: PrepareOptions,
-                       stats: PrepareStats) -> Iterator[Conversation]:
+def iter_conversations(
+    rows: Iterator[SourceRow], options: PrepareOptions, stats: PrepareStats
+) -> Iterator[Conversation]:
     fmt = None if options.format == "auto" else options.format
     for index, row in enumerate(rows):
         stats.rows += 1
@@ -135,8 +141,12 @@ def iter_conversations(rows: Iterator[SourceRow], options: PrepareOptions,
         yield conversation
 
 
-def build_examples(rows: Iterator[SourceRow], options: PrepareOptions, stats: PrepareStats,
-                   on_row: Callable[[], None] = lambda: None) -> list[Example]:
+def build_examples(
+    rows: Iterator[SourceRow],
+    options: PrepareOptions,
+    stats: PrepareStats,
+    on_row: Callable[[], None] = lambda: None,
+) -> list[Example]:
     examples: list[Example] = []
     for conversation in iter_conversations(rows, options, stats):
         on_row()
@@ -156,17 +166,33 @@ def build_examples(rows: Iterator[SourceRow], options: PrepareOptions, stats: Pr
     return examples
 
 
+@contextmanager
+def _quiet_datasets():
+    """datasets draws its own progress bars when saving; ours is enough."""
+    import datasets
+
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
+
+
 def _to_dataset(examples: list[Example]):
     import datasets
 
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "source_index": datasets.Value("int64"),
-        "turn": datasets.Value("int32"),
-        "length": datasets.Value("int32"),
-        "num_trained": datasets.Value("int32"),
-    })
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "source_index": datasets.Value("int64"),
+            "turn": datasets.Value("int32"),
+            "length": datasets.Value("int32"),
+            "num_trained": datasets.Value("int32"),
+        }
+    )
     columns = {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
@@ -181,11 +207,14 @@ def _to_dataset(examples: list[Example]):
 def write_prepared(examples: list[Example], info: dict, output: Path, overwrite: bool) -> None:
     """Write the dataset folder atomically: a temporary sibling renamed into place when complete."""
     if output.exists() and not overwrite and any(output.iterdir()):
-        raise GptossTuneError(f"{output} already exists and is not empty; pass --overwrite or choose another --output.")
+        raise GptossTuneError(
+            f"{output} already exists and is not empty; pass --overwrite or choose another --output."
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
-        _to_dataset(examples).save_to_disk(str(tmp))
+        with _quiet_datasets():
+            _to_dataset(examples).save_to_disk(str(tmp))
         (tmp / PREPARE_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         if output.exists():
             shutil.rmtree(output)
@@ -195,8 +224,13 @@ def write_prepared(examples: list[Example], info: dict, output: Path, overwrite:
         raise
 
 
-def prepare(source: str, output: str | Path, options: PrepareOptions, overwrite: bool = False,
-            progress: Callable[[], None] = lambda: None) -> dict:
+def prepare(
+    source: str,
+    output: str | Path,
+    options: PrepareOptions,
+    overwrite: bool = False,
+    progress: Callable[[], None] = lambda: None,
+) -> dict:
     """Prepare `source` into `output`; returns the prepare.json content."""
     started = time.perf_counter()
     stats = PrepareStats()
@@ -219,5 +253,7 @@ def prepare(source: str, output: str | Path, options: PrepareOptions, overwrite:
 def read_prepare_info(directory: str | Path) -> dict:
     path = Path(directory) / PREPARE_INFO
     if not path.is_file():
-        raise GptossTuneError(f"{directory}: not a prepared dataset (no {PREPARE_INFO}); run `gptoss-tune prepare`.")
+        raise GptossTuneError(
+            f"{directory}: not a prepared dataset (no {PREPARE_INFO}); run `gptoss-tune prepare`."
+        )
     return json.loads(path.read_text())

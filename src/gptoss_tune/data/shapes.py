@@ -24,8 +24,15 @@ FORMAT_HELP = (
 )
 THINKING_KEYS = ("thinking", "reasoning_content", "reasoning")
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
 
 
@@ -43,9 +50,13 @@ def detect_format(row: SourceRow) -> str:
     if {"user", "final"} <= keys:
         return "mt-columns"
     columns = ", ".join(sorted(keys)) or "none"
-    raise DataError(f"unknown dataset shape (columns: {columns}). Accepted shapes: {FORMAT_HELP}. "
-                    "Rename the columns or force one with --format.", file=row.file, row=row.row,
-                    reason="unknown_shape")
+    raise DataError(
+        f"unknown dataset shape (columns: {columns}). Accepted shapes: {FORMAT_HELP}. "
+        "Rename the columns or force one with --format.",
+        file=row.file,
+        row=row.row,
+        reason="unknown_shape",
+    )
 
 
 def normalize(row: SourceRow, fmt: str, index: int) -> Conversation:
@@ -125,8 +136,11 @@ def _sharegpt_messages(ctx: _Row) -> list[dict]:
         speaker = ctx.string_field(turn, "from", f"{path}.from")
         role = SHAREGPT_ROLES.get(speaker.lower())
         if role is None:
-            raise ctx.error(f"unknown speaker '{speaker}' (use one of {', '.join(SHAREGPT_ROLES)})", f"{path}.from",
-                            "unknown_role")
+            raise ctx.error(
+                f"unknown speaker '{speaker}' (use one of {', '.join(SHAREGPT_ROLES)})",
+                f"{path}.from",
+                "unknown_role",
+            )
         value = ctx.string_field(turn, "value", f"{path}.value")
         message = {"role": role, "content": value, "_path": path}
         for key in THINKING_KEYS:
@@ -135,8 +149,11 @@ def _sharegpt_messages(ctx: _Row) -> list[dict]:
         if speaker.lower() == "function_call":
             call = _maybe_json(value)
             if not isinstance(call, dict) or "name" not in call:
-                raise ctx.error("a function_call value must be JSON {\"name\", \"arguments\"}", f"{path}.value",
-                                "invalid_tool_call")
+                raise ctx.error(
+                    'a function_call value must be JSON {"name", "arguments"}',
+                    f"{path}.value",
+                    "invalid_tool_call",
+                )
             message.update(content="", tool_calls=[call])
         out.append(message)
     return out
@@ -150,8 +167,10 @@ def _alpaca_messages(ctx: _Row) -> list[dict]:
     system = ctx.string_field(data, "system", "system", optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": prompt, "_path": "instruction"},
-                       {"role": "assistant", "content": output, "_path": "output"}]
+    return messages + [
+        {"role": "user", "content": prompt, "_path": "instruction"},
+        {"role": "assistant", "content": output, "_path": "output"},
+    ]
 
 
 def _prompt_completion_messages(ctx: _Row) -> list[dict]:
@@ -162,12 +181,17 @@ def _prompt_completion_messages(ctx: _Row) -> list[dict]:
         if isinstance(value, str):
             out.append({"role": role, "content": value, "_path": name})
         elif isinstance(value, list):
-            out.extend({**m, "_path": f"{name}[{i}]"} if isinstance(m, dict) else m for i, m in enumerate(value))
+            out.extend(
+                {**m, "_path": f"{name}[{i}]"} if isinstance(m, dict) else m for i, m in enumerate(value)
+            )
         elif value is None:
             raise ctx.error("missing (expected a string or a list of messages)", name, "missing_field")
         else:
-            raise ctx.error(f"expected a string or a list of messages, found {type(value).__name__}", name,
-                            "invalid_field")
+            raise ctx.error(
+                f"expected a string or a list of messages, found {type(value).__name__}",
+                name,
+                "invalid_field",
+            )
     return out
 
 
@@ -176,12 +200,20 @@ def _mt_column_messages(ctx: _Row) -> list[dict]:
     developer = ctx.string_field(data, "developer", "developer", optional=True)
     language = ctx.string_field(data, "reasoning_language", "reasoning_language", optional=True)
     if language:  # as in the dataset's own `messages` column
-        developer = f"reasoning language: {language}\n\n{developer}" if developer else f"reasoning language: {language}"
+        developer = (
+            f"reasoning language: {language}\n\n{developer}"
+            if developer
+            else f"reasoning language: {language}"
+        )
     messages = [{"role": "system", "content": developer}] if developer else []
     return messages + [
         {"role": "user", "content": ctx.string_field(data, "user", "user"), "_path": "user"},
-        {"role": "assistant", "content": ctx.string_field(data, "final", "final"), "_path": "final",
-         "thinking": ctx.string_field(data, "analysis", "analysis", optional=True)},
+        {
+            "role": "assistant",
+            "content": ctx.string_field(data, "final", "final"),
+            "_path": "final",
+            "thinking": ctx.string_field(data, "analysis", "analysis", optional=True),
+        },
     ]
 
 
@@ -193,14 +225,20 @@ def _tools(ctx: _Row, raw: Any) -> tuple[dict, ...]:
     if raw is None or raw == "":
         return ()
     if not isinstance(raw, list):
-        raise ctx.error(f"expected a list of function schemas, found {type(raw).__name__}", "tools", "invalid_tools")
+        raise ctx.error(
+            f"expected a list of function schemas, found {type(raw).__name__}", "tools", "invalid_tools"
+        )
     tools = []
     for i, tool in enumerate(raw):
         tool = _maybe_json(tool)
         function = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ctx.error("each tool needs a function name ({\"type\": \"function\", \"function\": {\"name\", "
-                            "\"description\", \"parameters\"}})", f"tools[{i}]", "invalid_tools")
+            raise ctx.error(
+                'each tool needs a function name ({"type": "function", "function": {"name", '
+                '"description", "parameters"}})',
+                f"tools[{i}]",
+                "invalid_tools",
+            )
         tools.append({"type": "function", "function": function})
     return tuple(tools)
 
@@ -216,7 +254,9 @@ def _content(ctx: _Row, message: dict, path: str, allow_missing: bool) -> str:
         if len(texts) == len(value) and all(isinstance(t, str) for t in texts):
             return "".join(texts)
     if not isinstance(value, str):
-        raise ctx.error(f"expected a string, found {type(value).__name__}", f"{path}.content", "invalid_content")
+        raise ctx.error(
+            f"expected a string, found {type(value).__name__}", f"{path}.content", "invalid_content"
+        )
     return value
 
 
@@ -226,8 +266,9 @@ def _thinking(ctx: _Row, message: dict, path: str) -> str | None:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ctx.error(f"expected a string or null, found {type(value).__name__}", f"{path}.{key}",
-                            "invalid_content")
+            raise ctx.error(
+                f"expected a string or null, found {type(value).__name__}", f"{path}.{key}", "invalid_content"
+            )
         return value or None
     return None
 
@@ -249,8 +290,9 @@ def _tool_calls(ctx: _Row, raw: Any, path: str) -> list[ToolCall]:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError:
-                raise ctx.error("arguments is not valid JSON", f"{call_path}.function.arguments",
-                                "invalid_tool_call") from None
+                raise ctx.error(
+                    "arguments is not valid JSON", f"{call_path}.function.arguments", "invalid_tool_call"
+                ) from None
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             ctx.calls[item["id"]] = function["name"]
         calls.append(ToolCall(function["name"], arguments))
@@ -264,8 +306,12 @@ def _assistant_messages(ctx: _Row, message: dict, path: str) -> list[Message]:
     if not calls:
         return [Message("assistant", content, thinking)]
     if content and thinking:
-        raise ctx.error("an assistant message with tool_calls has both content and thinking; keep the reasoning "
-                        "before the call in one of them", f"{path}.content", "invalid_tool_call")
+        raise ctx.error(
+            "an assistant message with tool_calls has both content and thinking; keep the reasoning "
+            "before the call in one of them",
+            f"{path}.content",
+            "invalid_tool_call",
+        )
     # Text next to a call is the reasoning before it (the official template renders it as analysis).
     thinking = thinking or content or None
     return [Message("assistant", "", thinking if i == 0 else None, call) for i, call in enumerate(calls)]
@@ -275,8 +321,11 @@ def _tool_message(ctx: _Row, message: dict, path: str, last_call: str | None) ->
     content = _content(ctx, message, path, allow_missing=False)
     name = ctx.calls.get(message.get("tool_call_id") or "") or message.get("name") or last_call
     if not isinstance(name, str):
-        raise ctx.error("a tool message needs a preceding assistant tool call (or a 'name')", f"{path}.role",
-                        "orphan_tool_message")
+        raise ctx.error(
+            "a tool message needs a preceding assistant tool call (or a 'name')",
+            f"{path}.role",
+            "orphan_tool_message",
+        )
     return Message("tool", content, tool_name=name)
 
 
@@ -292,7 +341,9 @@ def _conversation(ctx: _Row, raw_messages: list, tools: tuple[dict, ...], index:
             raise ctx.error(f"expected an object, found {type(raw).__name__}", path, "invalid_field")
         role = raw.get("role")
         if role not in ROLES:
-            raise ctx.error(f"unknown role {role!r} (use one of {', '.join(ROLES)})", f"{path}.role", "unknown_role")
+            raise ctx.error(
+                f"unknown role {role!r} (use one of {', '.join(ROLES)})", f"{path}.role", "unknown_role"
+            )
         if role in ("system", "developer"):
             content = _content(ctx, raw, path, allow_missing=False)
             if messages:  # only a leading system/developer message is rendered, by both templates
@@ -308,6 +359,7 @@ def _conversation(ctx: _Row, raw_messages: list, tools: tuple[dict, ...], index:
         else:
             messages.append(_tool_message(ctx, raw, path, last_call))
     if not any(m.role == "assistant" for m in messages):
-        raise ctx.error("the conversation has no assistant message, so nothing to train on", "messages",
-                        "no_assistant")
+        raise ctx.error(
+            "the conversation has no assistant message, so nothing to train on", "messages", "no_assistant"
+        )
     return Conversation(tuple(messages), tools, index, f"{ctx.row.file}, {ctx.row.row}", dropped)

@@ -111,9 +111,13 @@ def _official_template_module():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     source = resources.files("gptoss_tune.harmony").joinpath("chat_template.jinja").read_text()
     template = env.from_string(source)
@@ -144,8 +148,9 @@ class _IdsBuilder:
         if text:
             self.ids.extend(self.encoding.encode(text, disallowed_special=()))
 
-    def message(self, role: str, header: str, channel: str | None, header_tail: str, content: str,
-                terminal: int) -> None:
+    def message(
+        self, role: str, header: str, channel: str | None, header_tail: str, content: str, terminal: int
+    ) -> None:
         start = len(self.ids)
         self.ids.append(T.START)
         self.text(header)
@@ -167,7 +172,9 @@ def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
     if messages and messages[0].role in ("system", "developer"):
         instructions, messages = messages[0].content, messages[1:]
     if instructions or conversation.tools:
-        out.message("developer", "developer", None, "", developer_text(instructions, conversation.tools), T.END)
+        out.message(
+            "developer", "developer", None, "", developer_text(instructions, conversation.tools), T.END
+        )
 
     offset = len(conversation.messages) - len(messages)
     keep = keeps_thinking(conversation)[offset:]
@@ -176,17 +183,27 @@ def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
             out.message("user", "user", None, "", message.content, T.END)
         elif message.role == "tool":
             header = f"functions.{message.tool_name} to=assistant"
-            out.message("tool", header, "commentary", "", json.dumps(message.content, ensure_ascii=False), T.END)
+            out.message(
+                "tool", header, "commentary", "", json.dumps(message.content, ensure_ascii=False), T.END
+            )
         elif message.role == "assistant":
             if keep[i] and message.thinking is not None:
                 out.message("assistant", "assistant", "analysis", "", message.thinking, T.END)
             if message.tool_call is not None:
                 call = message.tool_call
-                out.message("assistant", f"assistant to=functions.{call.name}", "commentary", " json",
-                            call.arguments_text(), T.CALL)
+                out.message(
+                    "assistant",
+                    f"assistant to=functions.{call.name}",
+                    "commentary",
+                    " json",
+                    call.arguments_text(),
+                    T.CALL,
+                )
             else:
                 last = i == len(messages) - 1
-                out.message("assistant", "assistant", "final", "", message.content, T.RETURN if last else T.END)
+                out.message(
+                    "assistant", "assistant", "final", "", message.content, T.RETURN if last else T.END
+                )
         # system/developer messages after the first are dropped by normalization
     return Rendered(out.ids, out.messages)
 
@@ -197,9 +214,16 @@ def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
 def _harmony_messages(conversation: Conversation, options: RenderOptions) -> list:
     import openai_harmony as oh
 
-    effort = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
-    system = (oh.SystemContent.new().with_conversation_start_date(options.date)
-              .with_reasoning_effort(effort[options.reasoning_effort]))
+    effort = {
+        "low": oh.ReasoningEffort.LOW,
+        "medium": oh.ReasoningEffort.MEDIUM,
+        "high": oh.ReasoningEffort.HIGH,
+    }
+    system = (
+        oh.SystemContent.new()
+        .with_conversation_start_date(options.date)
+        .with_reasoning_effort(effort[options.reasoning_effort])
+    )
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
     messages = conversation.messages
@@ -225,8 +249,9 @@ def _harmony_tool(tool: dict):
     import openai_harmony as oh
 
     function = tool.get("function", tool)
-    return oh.ToolDescription.new(function["name"], function.get("description", ""),
-                                  parameters=function.get("parameters"))
+    return oh.ToolDescription.new(
+        function["name"], function.get("description", ""), parameters=function.get("parameters")
+    )
 
 
 def _harmony_message(oh, message: Message, keep_thinking: bool) -> list:
@@ -234,16 +259,24 @@ def _harmony_message(oh, message: Message, keep_thinking: bool) -> list:
         return [oh.Message.from_role_and_content(oh.Role.USER, message.content)]
     if message.role == "tool":
         author = oh.Author.new(oh.Role.TOOL, f"functions.{message.tool_name}")
-        return [oh.Message.from_author_and_content(author, message.content)
-                .with_recipient("assistant").with_channel("commentary")]
+        return [
+            oh.Message.from_author_and_content(author, message.content)
+            .with_recipient("assistant")
+            .with_channel("commentary")
+        ]
     out = []
     if keep_thinking and message.thinking is not None:
-        out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, message.thinking).with_channel("analysis"))
+        out.append(
+            oh.Message.from_role_and_content(oh.Role.ASSISTANT, message.thinking).with_channel("analysis")
+        )
     if message.tool_call is not None:
         call = message.tool_call
-        out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.arguments_text())
-                   .with_channel("commentary").with_recipient(f"functions.{call.name}")
-                   .with_content_type("<|constrain|>json"))
+        out.append(
+            oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.arguments_text())
+            .with_channel("commentary")
+            .with_recipient(f"functions.{call.name}")
+            .with_content_type("<|constrain|>json")
+        )
     else:
         out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, message.content).with_channel("final"))
     return out
@@ -252,17 +285,18 @@ def _harmony_message(oh, message: Message, keep_thinking: bool) -> list:
 def _render_harmony(conversation: Conversation, options: RenderOptions) -> Rendered:
     import openai_harmony as oh
 
-    encoding = harmony_encoding()
-    config = oh.RenderConversationConfig(auto_drop_analysis=False)
     messages = _harmony_messages(conversation, options)
-    ids = list(encoding.render_conversation_for_training(oh.Conversation.from_messages(messages), config))
-    # Message boundaries come from rendering each prefix: the system message depends on the whole
-    # conversation (a tools line), so rendering messages one by one would not add up.
+    config = oh.RenderConversationConfig(auto_drop_analysis=False)
+    ids = list(
+        harmony_encoding().render_conversation_for_training(oh.Conversation.from_messages(messages), config)
+    )
+    # Data text never renders as special tokens, so each message ends at the first terminal token after
+    # its <|message|>.
     spans: list[RenderedMessage] = []
     start = 0
-    for k, message in enumerate(messages, start=1):
-        end = len(encoding.render_conversation(oh.Conversation.from_messages(messages[:k]), config))
+    for message in messages:
         content_start = ids.index(T.MESSAGE, start) + 1
+        end = next(i for i in range(content_start, len(ids)) if ids[i] in T.TERMINALS) + 1
         spans.append(RenderedMessage(message.author.role.value, message.channel, start, content_start, end))
         start = end
     if start != len(ids):

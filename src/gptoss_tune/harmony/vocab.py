@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.util
 import os
 import tempfile
 import urllib.request
@@ -43,13 +44,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _bpe_openai_dir() -> Path | None:
+    """Where the bpe-openai package is installed, found without importing it (its import is slow)."""
+    spec = importlib.util.find_spec("bpe_openai")
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
 def _from_bpe_openai() -> bytes | None:
-    try:
-        import bpe_openai
-    except ImportError:
-        return None
-    packed = Path(bpe_openai.__file__).parent / "data" / f"{VOCAB_FILE}.gz"
-    return gzip.decompress(packed.read_bytes()) if packed.is_file() else None
+    package = _bpe_openai_dir()
+    packed = package / "data" / f"{VOCAB_FILE}.gz" if package else None
+    return gzip.decompress(packed.read_bytes()) if packed and packed.is_file() else None
 
 
 def _download() -> bytes:
@@ -70,15 +74,16 @@ def resolve_vocab_file() -> Path:
             return None
         return path
 
+    candidates = []
     if env_file := os.environ.get("GPTOSS_TUNE_VOCAB"):
-        if found := verified(Path(env_file), "$GPTOSS_TUNE_VOCAB"):
-            return found
+        candidates.append((Path(env_file), "$GPTOSS_TUNE_VOCAB"))
     if env_dir := os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
-        if found := verified(Path(env_dir) / VOCAB_FILE, "$TIKTOKEN_ENCODINGS_BASE"):
-            return found
+        candidates.append((Path(env_dir) / VOCAB_FILE, "$TIKTOKEN_ENCODINGS_BASE"))
     cached = cache_dir() / VOCAB_FILE
-    if found := verified(cached, "cache"):
-        return found
+    candidates.append((cached, "cache"))
+    for path, label in candidates:
+        if found := verified(path, label):
+            return found
 
     for label, fetch in (("the bpe-openai package", _from_bpe_openai), (VOCAB_URL, _download)):
         try:

@@ -1,0 +1,412 @@
+"""Hugging Face checkpoint directories for gpt-oss: find, read and write them.
+
+Read: config.json plus model.safetensors or shards listed in model.safetensors.index.json, with
+the experts either plain (bf16 / fp32) or MXFP4 (`*_blocks` / `*_scales`, as published by
+OpenAI). Tensors are read one at a time and placed into a model built on the meta device, so a
+checkpoint is never held twice in memory.
+
+Write: sharded safetensors + index, config.json (with the MXFP4 `quantization_config` when the
+experts are quantized) and generation_config.json, into a temporary sibling directory that is
+renamed when complete.
+
+MXFP4 on disk, per expert weight: values are stored [E, out, in] (transposed from our [E, in, out]),
+in blocks of 32 along `in`; `_blocks` u8 [E, out, in / 32, 16] packs two FP4 (e2m1) codes per
+byte, low nibble first; `_scales` u8 [E, out, in / 32] is a power-of-two exponent with bias 127.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import GptOssConfig
+
+from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.presets import MXFP4_MODULES_NOT_CONVERTED
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Midpoints between consecutive e2m1 magnitudes: rounding to nearest is a bucket lookup.
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_FP4_MAX = 6.0
+MXFP4_BLOCK_SIZE = 32
+MXFP4_SCALE_BIAS = 127
+
+# Our names of the tensors that MXFP4 checkpoints store quantized.
+QUANTIZED_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# generation_config.json of openai/gpt-oss-20b and -120b: stop on <|return|>, <|endoftext|>, <|call|>.
+GENERATION_CONFIG: dict[str, Any] = {
+    "bos_token_id": 199998,
+    "do_sample": True,
+    "eos_token_id": [200002, 199999, 200012],
+    "pad_token_id": 199999,
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# What a model repository must provide for us; the published repos also hold original/ and
+# metal/ copies of the weights, which these patterns leave out.
+HUB_ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding a checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") > 1
+
+
+def resolve_model_path(model_id_or_path: str | Path) -> Path:
+    """A local checkpoint directory as is; otherwise a Hugging Face Hub id, downloaded (or found in
+    the hub cache) with only the files we use."""
+    text = str(model_id_or_path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if _looks_like_path(text):
+        raise GptossTuneError(f"Model directory not found: {text}. Pass a directory holding config.json.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as exc:
+        raise GptossTuneError(
+            f"Could not download model '{text}' from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Without network access, download it elsewhere and pass the local directory instead."
+        ) from exc
+
+
+def read_config(path: str | Path) -> GptOssConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise GptossTuneError(f"{path}: no config.json; this is not a Hugging Face model directory.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "gpt_oss":
+        raise GptossTuneError(f"{config_file}: model_type is '{model_type}', expected 'gpt_oss'.")
+    return GptOssConfig.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MXFP4
+# ---------------------------------------------------------------------------------------------------
+
+
+def dequantize_mxfp4(
+    blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 1 << 20
+) -> Tensor:
+    """blocks u8 [..., G, 16] and scales u8 [..., G] -> values [..., G * 32], in the stored orientation.
+
+    Works through the blocks in chunks so the fp32 temporaries stay small.
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    *prefix, groups, half_block = blocks.shape
+    flat_blocks = blocks.reshape(-1, half_block)
+    exponents = scales.reshape(-1, 1).to(torch.int32) - MXFP4_SCALE_BIAS
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    out = torch.empty(flat_blocks.shape[0], 2 * half_block, dtype=dtype, device=blocks.device)
+    for start in range(0, flat_blocks.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        chunk = flat_blocks[rows]
+        values = torch.empty(chunk.shape[0], 2 * half_block, dtype=torch.float32, device=blocks.device)
+        values[:, 0::2] = table[(chunk & 0x0F).long()]
+        values[:, 1::2] = table[(chunk >> 4).long()]
+        out[rows] = torch.ldexp(values, exponents[rows]).to(dtype)
+    return out.view(*prefix, groups * 2 * half_block)
+
+
+def quantize_mxfp4(values: Tensor) -> tuple[Tensor, Tensor]:
+    """values [..., C] (C a multiple of 32) -> (blocks u8 [..., C / 32, 16], scales u8 [..., C / 32]).
+
+    Each block of 32 gets the smallest power-of-two scale that fits its largest magnitude into
+    e2m1's range (|x| <= 6, so nothing saturates); each value rounds to the nearest e2m1 number.
+    """
+    *prefix, columns = values.shape
+    if columns % MXFP4_BLOCK_SIZE:
+        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of 32, got {columns}")
+    groups = values.float().reshape(-1, MXFP4_BLOCK_SIZE)
+    largest = groups.abs().amax(dim=-1, keepdim=True)
+    exponents = torch.ceil(torch.log2(largest / _FP4_MAX))
+    exponents = torch.nan_to_num(exponents, neginf=-MXFP4_SCALE_BIAS).clamp(-MXFP4_SCALE_BIAS, MXFP4_SCALE_BIAS)
+    exponents = exponents.to(torch.int32)
+    scaled = torch.ldexp(groups, -exponents)
+    midpoints = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32, device=values.device)
+    codes = torch.bucketize(scaled.abs(), midpoints) | ((scaled < 0).to(torch.int64) << 3)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    blocks = packed.view(*prefix, columns // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
+    scales = (exponents + MXFP4_SCALE_BIAS).to(torch.uint8).view(*prefix, columns // MXFP4_BLOCK_SIZE)
+    return blocks, scales
+
+
+def expert_weight_from_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Stored [E, out, in] MXFP4 -> our [E, in, out] expert weight, one expert at a time."""
+    experts, out_features, groups, half_block = blocks.shape
+    weight = torch.empty(experts, groups * 2 * half_block, out_features, dtype=dtype, device=blocks.device)
+    for expert in range(experts):
+        weight[expert] = dequantize_mxfp4(blocks[expert], scales[expert], dtype).T
+    return weight
+
+
+def expert_weight_to_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Our [E, in, out] expert weight -> stored [E, out, in] MXFP4 (blocks, scales), one expert at a time."""
+    quantized = [quantize_mxfp4(weight[expert].T) for expert in range(weight.shape[0])]
+    return torch.stack([b for b, _ in quantized]), torch.stack([s for _, s in quantized])
+
+
+def _is_quantized_expert_weight(name: str) -> bool:
+    return name.endswith(QUANTIZED_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), single)
+    raise GptossTuneError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported.")
+
+
+def iter_checkpoint_tensors(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs in our layout and names, one tensor in memory at a time.
+
+    MXFP4 experts are dequantized to `dtype`; floating tensors are cast to `dtype`.
+    """
+    path = Path(path)
+    files = _tensor_files(path)
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(name: str) -> Tensor:
+            file = files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
+            return handles[file].get_tensor(name)
+
+        for name in files:
+            if name.endswith("_scales"):
+                if name.removesuffix("_scales") + "_blocks" not in files:
+                    raise GptossTuneError(f"{path}: {name} has no matching _blocks tensor.")
+                continue
+            if name.endswith("_blocks"):
+                base = name.removesuffix("_blocks")
+                if base + "_scales" not in files:
+                    raise GptossTuneError(f"{path}: {name} has no matching _scales tensor.")
+                yield base, expert_weight_from_mxfp4(read(name), read(base + "_scales"), dtype)
+                continue
+            tensor = read(name)
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _replace_parameter(model: nn.Module, name: str, tensor: Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attribute)
+    setattr(module, attribute, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def load_weights(
+    model: GptOss, path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> None:
+    """Fill `model` (usually built on the meta device) from the checkpoint at `path`, tensor by tensor."""
+    expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
+    missing = set(expected)
+    for name, tensor in iter_checkpoint_tensors(path, dtype, device):
+        if name not in expected:
+            raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
+        if tuple(tensor.shape) != expected[name]:
+            raise GptossTuneError(
+                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the config implies {expected[name]}."
+            )
+        _replace_parameter(model, name, tensor.to(device))
+        missing.discard(name)
+    if missing:
+        raise GptossTuneError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}.")
+
+
+def load_checkpoint(
+    model_id_or_path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> GptOss:
+    """Our model with the weights of a local directory or hub id (plain or MXFP4 experts)."""
+    path = resolve_model_path(model_id_or_path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = GptOss(config)
+    load_weights(model, path, dtype, device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to write into; rename it to `out_dir` on success and
+    delete it on failure, so a failed run never leaves a half-written output."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        previous = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(previous)
+        temporary.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        temporary.rename(out_dir)
+
+
+class ShardWriter:
+    """Collects tensors into safetensors shards of at most `max_shard_bytes` (a bigger tensor gets
+    its own shard) and names them like transformers does once the count is known."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        file = self.directory / f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, file, metadata={"format": "pt"})
+        self.shards.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].rename(self.directory / SINGLE_FILE)
+            return
+        weight_map = {}
+        count = len(self.shards)
+        for number, (file, names) in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            file.rename(self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def checkpoint_config(config: GptOssConfig, dtype: torch.dtype, mxfp4: bool) -> dict[str, Any]:
+    """config.json contents for a checkpoint of `config` stored in `dtype` (experts in MXFP4 if asked)."""
+    fields = config.to_dict()
+    fields.pop("quantization_config", None)
+    fields.pop("_name_or_path", None)
+    fields["architectures"] = ["GptOssForCausalLM"]
+    fields["dtype"] = str(dtype).removeprefix("torch.")
+    if mxfp4:
+        fields["quantization_config"] = {
+            "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED),
+            "quant_method": "mxfp4",
+        }
+    return fields
+
+
+def write_json(path: Path, value: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_weights(
+    directory: Path,
+    tensors: Iterable[tuple[str, Tensor]],
+    dtype: torch.dtype,
+    mxfp4: bool,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write (name, tensor) pairs in our layout as safetensors shards in `directory`."""
+    writer = ShardWriter(directory, max_shard_bytes)
+    for name, tensor in tensors:
+        if mxfp4 and _is_quantized_expert_weight(name):
+            blocks, scales = expert_weight_to_mxfp4(tensor)
+            writer.add(f"{name}_blocks", blocks)
+            writer.add(f"{name}_scales", scales)
+        else:
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    writer.finish()
+
+
+def copy_tokenizer_files(source: str | Path, directory: Path) -> list[str]:
+    """Copy the tokenizer and chat template files that `source` has; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(source) / name, directory / name)
+    return copied
+
+
+def save_checkpoint(
+    tensors: Iterable[tuple[str, Tensor]],
+    config: GptOssConfig,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    mxfp4: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    generation_config: Mapping[str, Any] | None = None,
+    copy_tokenizer_from: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete Hugging Face checkpoint directory, atomically.
+
+    `tensors` yields (name, tensor) in our layout, e.g. `model.state_dict().items()` or
+    `iter_checkpoint_tensors(...)`; it is consumed once, so a generator streams a model that
+    never sits in memory whole. With `mxfp4`, the expert weights are quantized and stored as
+    `_blocks` / `_scales`; everything else is stored in `dtype`.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as directory:
+        write_weights(directory, tensors, dtype, mxfp4, max_shard_bytes)
+        write_json(directory / "config.json", checkpoint_config(config, dtype, mxfp4))
+        write_json(directory / "generation_config.json", dict(generation_config or GENERATION_CONFIG))
+        if copy_tokenizer_from is not None:
+            copy_tokenizer_files(copy_tokenizer_from, directory)
+    return out_dir

@@ -1,0 +1,445 @@
+"""The gpt-oss model we train: one file, transformers' parameter names and shapes.
+
+`GptOss(config).state_dict()` has exactly the keys and shapes of transformers'
+`GptOssForCausalLM`, so checkpoints move between the two without renaming. What differs:
+
+- Packed batches. `position_ids` restart at every document start; a token attends only to earlier
+  tokens of its own document (and, on sliding layers, only to the last `sliding_window` of them).
+- Attention and the expert computation are plain functions that can be swapped for GPU kernels
+  (`GptOss.set_kernels`); the eager ones here are the reference.
+- Expert LoRA is computed on the routed tokens (x A_e B_e), never by materializing W + BA; the
+  adapters are attached by `gptoss_tune.model.lora`.
+- The loss returns a sum and a count, so a trainer can normalize over a whole optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GptOssConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing: documents, masks, positions
+# ---------------------------------------------------------------------------------------------------
+
+
+def default_position_ids(input_ids: Tensor) -> Tensor:
+    """One document per row: positions 0..T-1."""
+    batch, length = input_ids.shape
+    return torch.arange(length, device=input_ids.device).expand(batch, length)
+
+
+def document_ids(position_ids: Tensor) -> Tensor:
+    """[B, T] index of the document of each token within its row.
+
+    A document starts wherever the position does not continue the previous one (normally a reset
+    to 0), so packed rows need no extra metadata.
+    """
+    continues = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = ~continues
+    return starts.cumsum(dim=1) - 1
+
+
+def attention_mask(documents: Tensor, sliding_window: int | None) -> Tensor:
+    """[B, T, T] boolean: query q may attend key k (causal, same document, inside the window).
+
+    The window includes the token itself: k is visible when q - window < k <= q.
+    """
+    length = documents.shape[1]
+    index = torch.arange(length, device=documents.device)
+    query, key = index[:, None], index[None, :]
+    allowed = (key <= query) & (documents[:, :, None] == documents[:, None, :])
+    if sliding_window is not None:
+        allowed &= query - key < sliding_window
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Swappable compute: attention and experts
+# ---------------------------------------------------------------------------------------------------
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        sinks: Tensor,
+        *,
+        scaling: float,
+        sliding_window: int | None,
+        documents: Tensor,
+    ) -> Tensor:
+        """query [B, Hq, T, D], key/value [B, Hkv, T, D], sinks [Hq] -> [B, Hq, T, D]."""
+        ...
+
+
+def eager_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    sinks: Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None,
+    documents: Tensor,
+) -> Tensor:
+    """Softmax attention where each head also has a learned "sink" logit that takes probability
+    mass but contributes no value. Grouped-query: q head h reads kv head h // (Hq / Hkv)."""
+    batch, num_heads, length, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    query = query.view(batch, num_kv_heads, group, length, head_dim)
+    scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scaling  # [B, Hkv, G, T, T]
+    allowed = attention_mask(documents, sliding_window)[:, None, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink_logits = sinks.to(scores.dtype).view(1, num_kv_heads, group, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1, dtype=torch.float32)
+    probs = probs[..., :-1].to(value.dtype)
+    return torch.matmul(probs, value.unsqueeze(2)).view(batch, num_heads, length, head_dim)
+
+
+class ExpertsFn(Protocol):
+    def __call__(
+        self, experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor
+    ) -> Tensor:
+        """hidden [N, H], expert_indices / expert_weights [N, k] -> [N, H]."""
+        ...
+
+
+def group_by_expert(expert_indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Sort the N*k (token, expert) assignments by expert.
+
+    Returns the assignment order (indices into the flattened [N*k] routing tensors), the token of
+    each sorted assignment, and how many assignments each expert received.
+    """
+    flat = expert_indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // expert_indices.shape[1]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, tokens, counts
+
+
+def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor) -> Tensor:
+    """Loop over the experts that received tokens; each runs only on its own tokens."""
+    order, tokens, counts = group_by_expert(expert_indices, experts.num_experts)
+    weights = expert_weights.reshape(-1)[order]
+    output = torch.zeros_like(hidden)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        token_index = tokens[start : start + count]
+        routed = hidden.index_select(0, token_index)
+        expert_out = experts.down(experts.activation(experts.gate_up(routed, expert)), expert)
+        expert_out = expert_out * weights[start : start + count, None]
+        output.index_add_(0, token_index, expert_out.to(hidden.dtype))
+        start += count
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        normed = hidden.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(hidden.dtype)
+
+
+def rope_parameters(config: GptOssConfig) -> tuple[Tensor, float]:
+    """(inv_freq [head_dim / 2] in fp32 on the CPU, attention scaling), as transformers computes them."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    # Explicitly on the CPU, also when the model is being built under `torch.device("meta")`.
+    with torch.device("cpu"):
+        if rope_type == "default":
+            theta, dim = config.rope_parameters["rope_theta"], config.head_dim
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(attention_scaling)
+
+
+class RotaryEmbedding:
+    """cos / sin tables for position ids (YaRN for gpt-oss).
+
+    Not an nn.Module on purpose: inv_freq is neither a parameter nor a buffer, so `model.to(bf16)`,
+    meta-device construction and state dicts leave it alone; it stays fp32 and moves to the device
+    of the positions on first use.
+    """
+
+    def __init__(self, config: GptOssConfig) -> None:
+        self.inv_freq, self.attention_scaling = rope_parameters(config)
+
+    def __call__(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        angles = position_ids[..., None].float() * self.inv_freq  # [B, T, D / 2]
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos / sin [B, T, D / 2]. Rotates the two halves of the head dimension."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_index: int) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        is_sliding = config.layer_types[layer_index] == "sliding_attention"
+        self.sliding_window: int | None = config.sliding_window if is_sliding else None
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+        self.attention_fn: AttentionFn = eager_attention
+
+    def _heads(self, projected: Tensor) -> Tensor:
+        batch, length, _ = projected.shape
+        return projected.view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
+        batch, length, _ = hidden.shape
+        query = apply_rotary(self._heads(self.q_proj(hidden)), cos, sin)
+        key = apply_rotary(self._heads(self.k_proj(hidden)), cos, sin)
+        value = self._heads(self.v_proj(hidden))
+        attended = self.attention_fn(
+            query,
+            key,
+            value,
+            self.sinks,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            documents=documents,
+        )
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden [N, H] -> (expert indices [N, k], weights [N, k]): softmax over the top-k logits."""
+        logits = F.linear(hidden, self.weight, self.bias)
+        top_logits, indices = torch.topk(logits, self.top_k, dim=-1)
+        return indices, torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+
+
+class Experts(nn.Module):
+    """Stacked expert weights in transformers' layout ([E, in, out]).
+
+    gate_up_proj interleaves gate and up columns (gate = [..., ::2], up = [..., 1::2]).
+    `gate_up_lora` / `down_lora` are optional low-rank adapters (see `gptoss_tune.model.lora`):
+    modules called as adapter(x, expert) that return the low-rank update of that projection.
+    """
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        experts, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = experts
+        self.alpha = config.swiglu_alpha
+        self.limit = config.swiglu_limit
+        self.gate_up_proj = nn.Parameter(torch.zeros(experts, hidden, 2 * inner))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inner))
+        self.down_proj = nn.Parameter(torch.zeros(experts, inner, hidden))
+        self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden))
+        self.gate_up_lora: nn.Module | None = None
+        self.down_lora: nn.Module | None = None
+
+    def gate_up(self, routed: Tensor, expert: int) -> Tensor:
+        out = routed @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+        if self.gate_up_lora is not None:
+            out = out + self.gate_up_lora(routed, expert)
+        return out
+
+    def activation(self, gate_up: Tensor) -> Tensor:
+        """Clamped SwiGLU: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=l)."""
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def down(self, activated: Tensor, expert: int) -> Tensor:
+        out = activated @ self.down_proj[expert] + self.down_proj_bias[expert]
+        if self.down_lora is not None:
+            out = out + self.down_lora(activated, expert)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.experts_fn: ExpertsFn = eager_experts
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        batch, length, size = hidden.shape
+        flat = hidden.reshape(-1, size)
+        expert_indices, expert_weights = self.router(flat)
+        return self.experts_fn(self.experts, flat, expert_indices, expert_weights).view(batch, length, size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, documents)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class GptOssDecoder(nn.Module):
+    """Embeddings, decoder layers and final norm (transformers' `GptOssModel`, at `model.`)."""
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        documents = document_ids(position_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, cos, sin, documents, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, documents)
+        return self.norm(hidden)
+
+
+class GptOss(nn.Module):
+    """gpt-oss causal LM. Keys and shapes of `state_dict()` equal transformers' `GptOssForCausalLM`."""
+
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GptOssDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states [B, T, H]; position_ids restart at 0 at each packed document."""
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        return self.model(input_ids, position_ids)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V]. For training prefer `hidden_states` + `chunked_causal_lm_loss`."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids))
+
+    def loss(
+        self, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(sum of token losses, number of trained tokens); labels are aligned with input_ids."""
+        hidden = self.hidden_states(input_ids, position_ids)
+        return chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, position_ids)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    def set_kernels(self, attention: AttentionFn | None = None, experts: ExpertsFn | None = None) -> None:
+        """Swap the attention and / or expert computation of every layer (e.g. for GPU kernels)."""
+        for layer in self.model.layers:
+            if attention is not None:
+                layer.self_attn.attention_fn = attention
+            if experts is not None:
+                layer.mlp.experts_fn = experts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def shift_labels(labels: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """Targets aligned with the logits: target[t] = labels[t + 1].
+
+    With position_ids, a token is never asked to predict the first token of the next packed
+    document.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        documents = document_ids(position_ids)
+        crosses = documents[:, 1:] != documents[:, :-1]
+        targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def causal_lm_loss(
+    logits: Tensor, labels: Tensor, position_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(sum of next-token cross-entropies in fp32, number of targets); labels -100 are ignored."""
+    targets = shift_labels(labels, position_ids).reshape(-1)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def _cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    position_ids: Tensor | None = None,
+    chunk_tokens: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """`causal_lm_loss` from final hidden states without holding [B, T, V] logits.
+
+    Logits are computed only for the trained tokens, a chunk at a time, and recomputed in backward,
+    so the peak is one chunk of [chunk_tokens, V] fp32 logits.
+    """
+    targets = shift_labels(labels, position_ids).reshape(-1)
+    trained = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained)
+    targets = targets.index_select(0, trained)
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        loss_sum = loss_sum + checkpoint(
+            _cross_entropy_sum, hidden[piece], lm_head_weight, targets[piece], use_reentrant=False
+        )
+    return loss_sum, torch.tensor(targets.numel(), device=targets.device)
