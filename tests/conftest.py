@@ -15,3 +15,39 @@ def encoding():
     from gptoss_tune.harmony.vocab import harmony_encoding
 
     return harmony_encoding()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A complete random tiny gpt-oss checkpoint (fp32), shared by the tests that train or generate."""
+    import torch
+
+    from gptoss_tune.model.init import init_model
+
+    return init_model(
+        "tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0, dtype=torch.float32, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def short_chats(tmp_path_factory):
+    """A prepared dataset of short conversations: cheap to train on the CPU."""
+    import json
+
+    from gptoss_tune.data.prepare import PrepareOptions, prepare
+
+    folder = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(12):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Number {i}?"},
+                    {"role": "assistant", "content": f"It is {i}.", "thinking": f"Say {i}."},
+                ]
+            }
+        )
+    source = folder / "short.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare(str(source), folder / "prepared", PrepareOptions())
+    return folder / "prepared"

@@ -13,6 +13,7 @@ from gptoss_tune.model.gpt_oss import (
     chunked_causal_lm_loss,
     document_ids,
     eager_attention,
+    rope_settings,
     shift_labels,
 )
 from gptoss_tune.model.presets import preset_config
@@ -170,6 +171,16 @@ def test_chunked_loss_equals_full_loss_with_gradients(pair) -> None:
     assert relative_error(chunked_grad, full_grad) <= RTOL
 
 
+def test_loss_without_trained_tokens_is_zero_and_still_differentiable(pair) -> None:
+    ours, _ = pair
+    input_ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(6))
+    ours.zero_grad()
+    loss_sum, count = ours.loss(input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    loss_sum.backward()
+    assert loss_sum.item() == 0.0 and count.item() == 0
+    assert ours.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() == 0
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(pair) -> None:
     ours, _ = pair
     input_ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(4))
@@ -244,7 +255,7 @@ def test_logits_match_openai_reference(pair) -> None:
     )
     ours, _ = pair
     config = ours.config
-    rope = config.rope_parameters
+    rope = rope_settings(config)
     reference_config = reference_model.ModelConfig(
         num_hidden_layers=config.num_hidden_layers,
         num_experts=config.num_local_experts,

@@ -172,6 +172,148 @@ def make_data(
     console.print(f"[bold]wrote[/bold] {path}: {rows} rows like {like} (seed {seed})")
 
 
+# --- models --------------------------------------------------------------------------------------
+
+
+@app.command("init-model")
+def init_model(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    preset: Annotated[str, typer.Option(help="Architecture: tiny (CPU tests, demo), 20b, 120b.")] = "tiny",
+    mxfp4: Annotated[
+        bool, typer.Option(help="Store the experts in MXFP4, like the published checkpoints.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Dtype of the non-MXFP4 weights: bf16 or fp32.")] = "bf16",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Write a complete gpt-oss checkpoint with random weights (config, safetensors, tokenizer, chat template)."""
+    import torch
+
+    from gptoss_tune.model.init import init_model as write_model
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise GptossTuneError(f"Unknown --dtype '{dtype}': use bf16 or fp32.")
+    path = write_model(preset, output, mxfp4=mxfp4, seed=seed, dtype=dtypes[dtype], overwrite=overwrite)
+    console.print(
+        f"[bold]wrote[/bold] {path}: random {preset} gpt-oss" + (" (MXFP4 experts)" if mxfp4 else "")
+    )
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+
+def _given_on_command_line(ctx: typer.Context, names: list[str]) -> dict:
+    """Options the user typed (not defaults), so they override the recipe."""
+    from click.core import ParameterSource
+
+    return {
+        name: ctx.params[name]
+        for name in names
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    }
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML recipe; options given here override it.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: local checkpoint folder or hub id (openai/gpt-oss-20b).")
+    ] = "",
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Prepared folder, or anything `prepare` accepts (prepared into "
+            "OUTPUT/data with the options below)."
+        ),
+    ] = "",
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Run folder: adapter/, checkpoints/, metrics, loss.png.")
+    ] = "",
+    eval_data: Annotated[str | None, typer.Option(help="Held-out data for eval loss [default: none]")] = None,
+    eval_fraction: Annotated[
+        float, typer.Option(help="Hold out this fraction of the conversations for eval loss.")
+    ] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Eval every N steps (0: at the end only).")] = 0,
+    template: Annotated[str, typer.Option(help="Rendering when DATA is not prepared: hf or harmony.")] = "hf",
+    loss_on: Annotated[
+        str, typer.Option(help="Label policy when DATA is not prepared: turns, last, assistant, final, all.")
+    ] = "turns",
+    date: Annotated[str, typer.Option(help="System message date when DATA is not prepared.")] = "2025-08-05",
+    reasoning_effort: Annotated[
+        str, typer.Option(help="Reasoning effort when DATA is not prepared.")
+    ] = "medium",
+    format: Annotated[
+        str, typer.Option("--format", help="Dataset shape when DATA is not prepared.")
+    ] = "auto",
+    max_length: Annotated[
+        int | None, typer.Option(help="Drop longer examples when preparing [default: no limit]")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a hub dataset [default: train]")] = None,
+    subset: Annotated[str | None, typer.Option(help="Subset of a hub dataset.")] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[
+        float, typer.Option(help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")
+    ] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the attention adapters' input.")] = 0.0,
+    rslora: Annotated[bool, typer.Option(help="Rank-stabilized scaling alpha/sqrt(r).")] = False,
+    lora_targets: Annotated[
+        str,
+        typer.Option(
+            help="Comma list: attn, experts, or q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj."
+        ),
+    ] = "attn,experts",
+    lora_layers: Annotated[
+        str | None, typer.Option(help="Layers to adapt, e.g. '0-11,20' [default: all]")
+    ] = None,
+    tokens_per_batch: Annotated[int, typer.Option(help="Token budget of a packed micro-batch.")] = 4096,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (per GPU).")] = 1,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (ignored with --max-steps).")] = 1,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps [default: epochs]")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    schedule: Annotated[
+        str, typer.Option(help="Learning-rate schedule after warmup: cosine, linear, constant.")
+    ] = "cosine",
+    warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up linearly.")] = 0.03,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a share of --lr.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on the adapters.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for adapters, data order and dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = "auto",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute layer activations in backward.")
+    ] = False,
+    gpus: Annotated[
+        int, typer.Option(help="Data-parallel processes on this machine (torchrun underneath).")
+    ] = 1,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 0,
+    keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest complete checkpoint in OUTPUT.")
+    ] = False,
+    log_every: Annotated[int, typer.Option(help="Write metrics every N steps.")] = 1,
+) -> None:
+    """LoRA-train gpt-oss on a dataset: packed batches, exact labels, checkpoints, metrics and a loss plot."""
+    from gptoss_tune.config import option_names, resolve_config
+
+    resolved = resolve_config(config, _given_on_command_line(ctx, option_names()))
+    from gptoss_tune.train.dist import launched_by_torchrun
+
+    if resolved.gpus > 1 and not launched_by_torchrun():
+        from gptoss_tune.train.launch import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(resolved.gpus))
+    from gptoss_tune.train.run import run_training
+
+    run_training(resolved, console)
+
+
 def main() -> None:
     try:
         app()

@@ -65,7 +65,13 @@ TOKENIZER_FILES = (
 )
 # What a model repository must provide for us; the published repos also hold original/ and
 # metal/ copies of the weights, which these patterns leave out.
-HUB_ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    INDEX_FILE,
+    *TOKENIZER_FILES,
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +154,9 @@ def quantize_mxfp4(values: Tensor) -> tuple[Tensor, Tensor]:
     groups = values.float().reshape(-1, MXFP4_BLOCK_SIZE)
     largest = groups.abs().amax(dim=-1, keepdim=True)
     exponents = torch.ceil(torch.log2(largest / _FP4_MAX))
-    exponents = torch.nan_to_num(exponents, neginf=-MXFP4_SCALE_BIAS).clamp(-MXFP4_SCALE_BIAS, MXFP4_SCALE_BIAS)
+    exponents = torch.nan_to_num(exponents, neginf=-MXFP4_SCALE_BIAS).clamp(
+        -MXFP4_SCALE_BIAS, MXFP4_SCALE_BIAS
+    )
     exponents = exponents.to(torch.int32)
     scaled = torch.ldexp(groups, -exponents)
     midpoints = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32, device=values.device)
@@ -193,7 +201,9 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     if single.is_file():
         with safe_open(single, framework="pt") as handle:
             return dict.fromkeys(handle.keys(), single)
-    raise GptossTuneError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported.")
+    raise GptossTuneError(
+        f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported."
+    )
 
 
 def iter_checkpoint_tensors(
@@ -252,7 +262,9 @@ def load_weights(
         _replace_parameter(model, name, tensor.to(device))
         missing.discard(name)
     if missing:
-        raise GptossTuneError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}.")
+        raise GptossTuneError(
+            f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
+        )
 
 
 def load_checkpoint(
@@ -272,12 +284,17 @@ def load_checkpoint(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 @contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir` to write into; rename it to `out_dir` on success and
-    delete it on failure, so a failed run never leaves a half-written output."""
+    delete it on failure, so a failed run never leaves a half-written output. An existing `out_dir`
+    is replaced only with `overwrite` (or when it is an empty directory)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not overwrite and not _is_empty_directory(out_dir):
         raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")

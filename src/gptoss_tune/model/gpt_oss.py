@@ -165,13 +165,21 @@ class RMSNorm(nn.Module):
         return (self.weight * normed).to(hidden.dtype)
 
 
+def rope_settings(config: GptOssConfig) -> dict:
+    """transformers 5's `rope_parameters`, or 4.x's `rope_scaling` + `rope_theta`."""
+    if parameters := getattr(config, "rope_parameters", None):
+        return parameters
+    return {**(config.rope_scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta}
+
+
 def rope_parameters(config: GptOssConfig) -> tuple[Tensor, float]:
     """(inv_freq [head_dim / 2] in fp32 on the CPU, attention scaling), as transformers computes them."""
-    rope_type = config.rope_parameters.get("rope_type", "default")
+    settings = rope_settings(config)
+    rope_type = settings.get("rope_type", "default")
     # Explicitly on the CPU, also when the model is being built under `torch.device("meta")`.
     with torch.device("cpu"):
         if rope_type == "default":
-            theta, dim = config.rope_parameters["rope_theta"], config.head_dim
+            theta, dim = settings["rope_theta"], config.head_dim
             return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq.float(), float(attention_scaling)
@@ -268,7 +276,8 @@ class Experts(nn.Module):
         super().__init__()
         experts, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts = experts
-        self.alpha = config.swiglu_alpha
+        # Older transformers configs have no swiglu_alpha; 1.702 is the constant of the published models.
+        self.alpha = getattr(config, "swiglu_alpha", 1.702)
         self.limit = config.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.zeros(experts, hidden, 2 * inner))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inner))
@@ -436,7 +445,9 @@ def chunked_causal_lm_loss(
     trained = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained)
     targets = targets.index_select(0, trained)
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    # Starts from the (empty) selection so that a micro-batch without trained tokens still has a
+    # graph to run backward through (and DDP still gets a gradient for every parameter).
+    loss_sum = hidden.sum(dtype=torch.float32) * 0.0
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         loss_sum = loss_sum + checkpoint(

@@ -1,0 +1,3 @@
+from gptoss_tune.cli import main
+
+main()

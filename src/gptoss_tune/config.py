@@ -1,0 +1,122 @@
+"""Training options: one flat dataclass, loadable from a YAML recipe and overridden on the command line.
+
+YAML keys are the option names with underscores (`tokens_per_batch: 16384`); the CLI spells them
+with dashes (`--tokens-per-batch 16384`). The resolved options are saved beside the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.harmony.render import DEFAULT_DATE
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    data: str = ""
+    output: str = ""
+    # evaluation
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    eval_every: int = 0
+    # how DATA is prepared when it is not already a prepared folder
+    template: str = "hf"
+    loss_on: str = "turns"
+    date: str = DEFAULT_DATE
+    reasoning_effort: str = "medium"
+    format: str = "auto"
+    max_length: int | None = None
+    split: str | None = None
+    subset: str | None = None
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    rslora: bool = False
+    lora_targets: str = "attn,experts"
+    lora_layers: str | None = None
+    # batches and schedule
+    tokens_per_batch: int = 4096
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # hardware
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    gpus: int = 1
+    # outputs
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = False
+    log_every: int = 1
+
+    def validate(self) -> TrainConfig:
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise GptossTuneError(
+                    f"--{name} is required (on the command line or in the --config recipe)."
+                )
+        if self.schedule not in SCHEDULES:
+            raise GptossTuneError(f"Unknown --schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
+        positive = ("lora_rank", "tokens_per_batch", "grad_accum", "epochs", "keep_last", "log_every", "gpus")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptossTuneError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GptossTuneError("--max-steps must be at least 1.")
+        if not 0 <= self.eval_fraction < 1:
+            raise GptossTuneError("--eval-fraction must be in [0, 1).")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GptossTuneError("--warmup-ratio must be in [0, 1).")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GptossTuneError(f"{path}: cannot read the recipe ({exc}).") from None
+    if not isinstance(values, dict):
+        raise GptossTuneError(f"{path}: a recipe is a mapping of option: value.")
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(option_names()))
+    if unknown:
+        raise GptossTuneError(
+            f"{path}: unknown option(s) {', '.join(unknown)}. Known: {', '.join(option_names())}."
+        )
+    return values
+
+
+def resolve_config(recipe: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the recipe, then the options given on the command line."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update(overrides)
+    return TrainConfig(**values).validate()

@@ -1,0 +1,160 @@
+"""Random-weight gpt-oss checkpoints in the real on-disk layout, with a tokenizer built offline.
+
+`init_model("tiny", dir)` writes what a Hub snapshot of openai/gpt-oss-* holds (config.json,
+safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja), so every stage can be exercised without a download.
+Full-size presets stream: one tensor (one expert, for the experts) is generated at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from transformers import GptOssConfig
+
+from gptoss_tune.harmony.hf_tokenizer import build_hf_tokenizer
+from gptoss_tune.model.checkpoint import (
+    GENERATION_CONFIG,
+    atomic_directory,
+    checkpoint_config,
+    write_json,
+    write_weights,
+)
+from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.presets import InitScales, preset_config, preset_init_scales
+
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|startoftext|>", "<|return|>", "<|endoftext|>"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# tokenizer_config.json as published, so transformers 4.x (e.g. inside vLLM) reads it too.
+TOKENIZER_CONFIG = {
+    "bos_token": BOS_TOKEN,
+    "clean_up_tokenization_spaces": False,
+    "eos_token": EOS_TOKEN,
+    "extra_special_tokens": {},
+    "model_input_names": ["input_ids", "attention_mask"],
+    "model_max_length": 1000000000000000019884624838656,
+    "pad_token": PAD_TOKEN,
+    "tokenizer_class": "PreTrainedTokenizerFast",
+}
+
+
+def official_chat_template() -> str:
+    """The chat template of openai/gpt-oss-20b (shipped with this package, byte for byte)."""
+    return files("gptoss_tune.harmony").joinpath(CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+
+
+def _special_token_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_files(directory: Path) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+    build_hf_tokenizer().backend_tokenizer.save(str(directory / "tokenizer.json"))
+    write_json(directory / "tokenizer_config.json", TOKENIZER_CONFIG)
+    special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    write_json(
+        directory / "special_tokens_map.json", {k: _special_token_entry(v) for k, v in special_tokens.items()}
+    )
+    (directory / CHAT_TEMPLATE_FILE).write_text(official_chat_template(), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def _std(name: str, scales: InitScales) -> float:
+    if name == "model.embed_tokens.weight":
+        return scales.embed_tokens
+    if name == "lm_head.weight":
+        return scales.lm_head
+    return scales.default
+
+
+def initial_value(
+    name: str, shape: tuple[int, ...], scales: InitScales, generator: torch.Generator
+) -> Tensor:
+    """fp32 initial value of one parameter, as transformers initializes gpt-oss: norms 1, linear and
+    expert biases 0, everything else (sinks and router bias included) normal(0, std). Stacked
+    experts are drawn one expert at a time."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(("_proj.bias", "experts.gate_up_proj_bias", "experts.down_proj_bias")):
+        return torch.zeros(shape)
+    std = _std(name, scales)
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return torch.stack([torch.randn(shape[1:], generator=generator) * std for _ in range(shape[0])])
+    return torch.randn(shape, generator=generator) * std
+
+
+def _parameter_shapes(config: GptOssConfig) -> list[tuple[str, tuple[int, ...]]]:
+    with torch.device("meta"):
+        model = GptOss(config)
+    return [(name, tuple(param.shape)) for name, param in model.named_parameters()]
+
+
+def random_weights(
+    config: GptOssConfig, scales: InitScales, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for every parameter, generated one at a time in a fixed order (reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in _parameter_shapes(config):
+        yield name, initial_value(name, shape, scales, generator).to(dtype)
+
+
+def init_weights_(model: GptOss, scales: InitScales, seed: int = 0) -> GptOss:
+    """Fill an in-memory model with the same values `init_model` writes for this seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(initial_value(name, tuple(param.shape), scales, generator))
+    return model
+
+
+def _with_progress(
+    tensors: Iterator[tuple[str, Tensor]], total: int, description: str, enabled: bool
+) -> Iterator[tuple[str, Tensor]]:
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not enabled, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for name, tensor in tensors:
+            yield name, tensor
+            progress.advance(task, tensor.numel())
+
+
+def init_model(
+    preset: str,
+    output_dir: str | Path,
+    mxfp4: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a complete random-weight checkpoint of `preset` (tiny, 20b, 120b) to `output_dir`.
+
+    With `mxfp4`, the experts are stored as MXFP4 like the published checkpoints; the rest is in
+    `dtype`. Returns the output directory.
+    """
+    config = preset_config(preset)
+    scales = preset_init_scales(preset)
+    total = sum(torch.Size(shape).numel() for _, shape in _parameter_shapes(config))
+    with atomic_directory(output_dir, overwrite=overwrite) as directory:
+        tensors = _with_progress(
+            random_weights(config, scales, seed, dtype), total, f"Writing random {preset} weights", progress
+        )
+        write_weights(directory, tensors, dtype, mxfp4)
+        write_json(directory / "config.json", checkpoint_config(config, dtype, mxfp4))
+        write_json(directory / "generation_config.json", GENERATION_CONFIG)
+        write_tokenizer_files(directory)
+        (directory / "gptoss_tune_init.json").write_text(
+            json.dumps({"preset": preset, "seed": seed, "mxfp4": mxfp4, "dtype": str(dtype)}, indent=2) + "\n"
+        )
+    return Path(output_dir)

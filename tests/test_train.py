@@ -1,0 +1,257 @@
+"""The training loop on CPU: outputs, loss normalization, exact resume, NaN stop, untrained adapters, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptoss_tune.config import TrainConfig, resolve_config
+from gptoss_tune.data.pack import collate
+from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.model.checkpoint import load_checkpoint
+from gptoss_tune.model.lora import LoraOptions, apply_lora
+from gptoss_tune.train.data import load_examples
+from gptoss_tune.train.loop import train
+
+
+def config(tiny_model_dir, data, output, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(tiny_model_dir),
+        data=str(data),
+        output=str(output),
+        tokens_per_batch=256,
+        lr=5e-3,
+        lora_rank=4,
+        lora_alpha=8,
+        warmup_ratio=0.0,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+def adapter_tensors(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_training_writes_adapter_metrics_plot_and_lowers_the_loss(tiny_model_dir, short_chats, tmp_path):
+    result = train(config(tiny_model_dir, short_chats, tmp_path / "run", epochs=6), log=lambda _: None)
+    out = tmp_path / "run"
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "config.yaml",
+        f"checkpoints/step-{result.steps}/optimizer.pt",
+    ):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1))
+    assert result.final_loss < 0.8 * result.first_loss
+    assert result.trained_tokens == sum(r["trained_tokens"] for r in records)
+
+
+def test_step_loss_is_the_mean_over_all_trained_tokens_not_a_mean_of_means(tiny_model_dir, short_chats):
+    """Two micro-batches each divided by the step's total trained tokens give exactly the gradient of
+    one batch holding both."""
+    examples, _ = load_examples(short_chats)
+    first, second = collate(examples[:1]), collate(examples[1:4])
+    total = first.num_trained + second.num_trained
+
+    def grads(batches, denominator):
+        torch.manual_seed(0)
+        model = load_checkpoint(tiny_model_dir, dtype=torch.float32)
+        params = apply_lora(model, LoraOptions(rank=4, alpha=8))
+        with torch.no_grad():
+            for name, p in params.items():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        for batch in batches:
+            loss, _ = model.loss(batch.input_ids, batch.labels, batch.position_ids)
+            (loss / denominator).backward()
+        return {name: p.grad.clone() for name, p in params.items()}
+
+    split = grads([first, second], total)
+    together = grads([collate(examples[:4])], total)
+    for name in split:
+        torch.testing.assert_close(split[name], together[name], rtol=1e-4, atol=1e-7)
+    assert first.num_trained != second.num_trained  # a mean of means would weigh them differently
+
+
+def test_resume_after_kill_ends_with_the_same_adapter(tiny_model_dir, short_chats, tmp_path):
+    options = dict(max_steps=8, save_every=2, keep_last=2, lr=5e-3, lora_dropout=0.1)
+    train(config(tiny_model_dir, short_chats, tmp_path / "straight", **options), log=lambda _: None)
+
+    out = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "gptoss_tune",
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(short_chats),
+        "--output",
+        str(out),
+        "--tokens-per-batch",
+        "256",
+        "--lr",
+        "5e-3",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--warmup-ratio",
+        "0",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "2",
+        "--lora-dropout",
+        "0.1",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-2" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "adapter").exists(), "killed too late to test resuming"
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    straight, again = adapter_tensors(tmp_path / "straight"), adapter_tensors(out)
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_last
+
+
+def test_existing_run_needs_resume_and_resume_needs_the_same_options(tiny_model_dir, short_chats, tmp_path):
+    train(config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=1), log=lambda _: None)
+    with pytest.raises(GptossTuneError, match="--resume"):
+        train(config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=1), log=lambda _: None)
+    with pytest.raises(GptossTuneError, match="lr"):
+        train(
+            config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=1, lr=1.0, resume=True),
+            log=lambda _: None,
+        )
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, short_chats, tmp_path):
+    with pytest.raises(GptossTuneError, match="loss became nan at step 2"):
+        train(
+            config(
+                tiny_model_dir,
+                short_chats,
+                tmp_path / "run",
+                max_steps=3,
+                lr=1e30,
+                max_grad_norm=1e38,
+                lora_alpha=1e6,
+            ),
+            log=lambda _: None,
+        )
+
+
+def test_adapters_that_never_train_fail_loudly(tiny_model_dir, short_chats, tmp_path):
+    with pytest.raises(GptossTuneError, match="received no update"):
+        train(config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=1, lr=0.0), log=lambda _: None)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_fraction_holds_out_whole_conversations(tiny_model_dir, short_chats, tmp_path):
+    result = train(
+        config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=2, eval_fraction=0.25, eval_every=1),
+        log=lambda _: None,
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 2]
+    assert result.eval_loss == records[-1]["loss"]
+
+
+def test_recipe_and_command_line_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\ndata: d\noutput: o\nlora-rank: 32\nlr: 0.001\n")
+    resolved = resolve_config(recipe, {"lr": 0.5})
+    assert (resolved.lora_rank, resolved.lr, resolved.model) == (32, 0.5, "m")
+    recipe.write_text("model: m\nlearning_rate: 3\n")
+    with pytest.raises(GptossTuneError, match="unknown option"):
+        resolve_config(recipe, {})
+
+
+def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_path):
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(short_chats),
+        "--tokens-per-batch",
+        "128",
+        "--lr",
+        "5e-3",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--warmup-ratio",
+        "0",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptoss_tune",
+            "train",
+            *common,
+            "--grad-accum",
+            "2",
+            "--output",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptoss_tune",
+            "train",
+            *common,
+            "--gpus",
+            "2",
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert double.returncode == 0, double.stdout + double.stderr
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
