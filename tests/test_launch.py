@@ -27,8 +27,13 @@ def test_single_node_uses_a_standalone_rendezvous():
 def test_several_nodes_pass_rank_address_and_port():
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "1234"}
     command = torchrun_command(8, ["train"], env=env)
-    assert {"--nnodes=2", "--node-rank=1", "--master-addr=node-a", "--master-port=1234",
-            "--nproc-per-node=8"} <= set(command)
+    assert {
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=node-a",
+        "--master-port=1234",
+        "--nproc-per-node=8",
+    } <= set(command)
     assert "--standalone" not in command
     with pytest.raises(GptossTuneError, match="MASTER_ADDR"):
         torchrun_command(8, ["train"], env={"NNODES": "2"})
@@ -48,12 +53,22 @@ def fake_cluster(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text(f"export PATH={bin_dir}:$PATH\n")
-    stub(bin_dir, "gptoss-tune", f'echo "node=$NODE_RANK nnodes=$NNODES master=$MASTER_ADDR:$MASTER_PORT args=$*" >> {log}')
+    stub(
+        bin_dir,
+        "gptoss-tune",
+        f'echo "node=$NODE_RANK nnodes=$NNODES master=$MASTER_ADDR:$MASTER_PORT args=$*" >> {log}',
+    )
     stub(bin_dir, "scontrol", 'printf "gpu-001\\ngpu-002\\ngpu-003\\ngpu-004\\n"')
     # srun: run the task once per node, as Slurm would, with SLURM_NODEID set
     stub(bin_dir, "srun", 'for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i "${@:2}"; done')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv), "SLURM_JOB_NAME": "job",
-           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu-[001-004]"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "VENV": str(venv),
+        "SLURM_JOB_NAME": "job",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "gpu-[001-004]",
+    }
     return env, log
 
 
@@ -64,15 +79,19 @@ def test_one_node_template(fake_cluster, gpus):
     subprocess.run(["bash", str(ROOT / "recipes/slurm/train-1node.sbatch")], env=env, check=True, cwd=ROOT)
     lines = log.read_text().splitlines()
     assert len(lines) == 1
-    assert lines[0].endswith(f"args=train --config recipes/gpt-oss-20b-multilingual-thinking.yaml "
-                             f"--output runs/job-42 --gpus {gpus}")
+    assert lines[0].endswith(
+        f"args=train --config recipes/gpt-oss-20b-multilingual-thinking.yaml "
+        f"--output runs/job-42 --gpus {gpus}"
+    )
 
 
 @pytest.mark.parametrize(("nodes", "gpus"), [(2, "8"), (4, "4")])
 def test_multi_node_template(fake_cluster, nodes, gpus):
     env, log = fake_cluster
     env.update(SLURM_NNODES=str(nodes), SLURM_GPUS_PER_NODE=gpus, RESUME="1")
-    subprocess.run(["bash", str(ROOT / "recipes/slurm/train-multinode.sbatch")], env=env, check=True, cwd=ROOT)
+    subprocess.run(
+        ["bash", str(ROOT / "recipes/slurm/train-multinode.sbatch")], env=env, check=True, cwd=ROOT
+    )
     lines = log.read_text().splitlines()
     assert [line.split()[0] for line in lines] == [f"node={i}" for i in range(nodes)]
     for line in lines:

@@ -219,3 +219,54 @@ def test_help_shows_every_option_with_default():
     ):
         assert option in result.output
     assert "default: turns" in result.output and "default: 2025-08-05" in result.output
+
+
+def test_hub_ids_go_through_datasets_with_split_and_subset(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        rows = [ALL_ROWS["alpaca"], ALL_ROWS["alpaca_no_input"]]
+        return (
+            datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+            if split is None
+            else (datasets.Dataset.from_list(rows))
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    info = prepare(
+        "HuggingFaceH4/Multilingual-Thinking", tmp_path / "a", PrepareOptions(subset="x", split="train")
+    )
+    assert (
+        calls[-1] == ("HuggingFaceH4/Multilingual-Thinking", "x", "train") and info["stats"]["examples"] == 2
+    )
+    prepare("owner/name", tmp_path / "b", PrepareOptions())
+    assert calls[-1] == ("owner/name", None, None)
+
+
+def test_unreachable_hub_says_what_to_do(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GptossTuneError, match="Offline\\? .*local"):
+        prepare("owner/name", tmp_path / "o", PrepareOptions())
+    with pytest.raises(GptossTuneError, match="no such file"):
+        prepare(str(tmp_path / "missing.jsonl"), tmp_path / "o", PrepareOptions())
+
+
+def test_inspect_with_colors(chats, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(chats), out, PrepareOptions())
+    shown = runner.invoke(app, ["inspect", str(out), "-i", "-1"])
+    assert shown.exit_code == 0 and "trained" in shown.output and "legend" in shown.output
+
+
+def test_every_command_documents_every_option():
+    import typer.main
+
+    command = typer.main.get_command(app)
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            if param.param_type_name == "option" and param.name not in ("help",):
+                assert param.help, f"{name} --{param.name} has no help text"

@@ -91,11 +91,11 @@ def prepare(
         ),
     ] = "auto",
     split: Annotated[
-        str | None, typer.Option(help="Split of a hub dataset or DatasetDict folder [default: train]")
+        str | None, typer.Option(help="Split of a hub dataset or DatasetDict folder", show_default="train")
     ] = None,
     subset: Annotated[str | None, typer.Option(help="Configuration (subset) of a hub dataset.")] = None,
     max_length: Annotated[
-        int | None, typer.Option(help="Drop examples longer than this many tokens [default: no limit]")
+        int | None, typer.Option(help="Drop examples longer than this many tokens", show_default="no limit")
     ] = None,
     truncate: Annotated[
         bool,
@@ -233,7 +233,9 @@ def train(
     output: Annotated[
         str, typer.Option("--output", "-o", help="Run folder: adapter/, checkpoints/, metrics, loss.png.")
     ] = "",
-    eval_data: Annotated[str | None, typer.Option(help="Held-out data for eval loss [default: none]")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out data for eval loss", show_default="none")
+    ] = None,
     eval_fraction: Annotated[
         float, typer.Option(help="Hold out this fraction of the conversations for eval loss.")
     ] = 0.0,
@@ -250,9 +252,9 @@ def train(
         str, typer.Option("--format", help="Dataset shape when DATA is not prepared.")
     ] = "auto",
     max_length: Annotated[
-        int | None, typer.Option(help="Drop longer examples when preparing [default: no limit]")
+        int | None, typer.Option(help="Drop longer examples when preparing", show_default="no limit")
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split of a hub dataset [default: train]")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a hub dataset", show_default="train")] = None,
     subset: Annotated[str | None, typer.Option(help="Subset of a hub dataset.")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lora_alpha: Annotated[
@@ -267,13 +269,13 @@ def train(
         ),
     ] = "attn,experts",
     lora_layers: Annotated[
-        str | None, typer.Option(help="Layers to adapt, e.g. '0-11,20' [default: all]")
+        str | None, typer.Option(help="Layers to adapt, e.g. '0-11,20'", show_default="all")
     ] = None,
     tokens_per_batch: Annotated[int, typer.Option(help="Token budget of a packed micro-batch.")] = 4096,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step (per GPU).")] = 1,
     epochs: Annotated[int, typer.Option(help="Passes over the data (ignored with --max-steps).")] = 1,
     max_steps: Annotated[
-        int | None, typer.Option(help="Stop after this many optimizer steps [default: epochs]")
+        int | None, typer.Option(help="Stop after this many optimizer steps", show_default="epochs")
     ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
     schedule: Annotated[
