@@ -194,7 +194,8 @@ def test_recipe_and_command_line_overrides(tmp_path):
         resolve_config(recipe, {})
 
 
-def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_path, sharding):
     common = [
         "--model",
         str(tiny_model_dir),
@@ -240,6 +241,8 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_p
             *common,
             "--gpus",
             "2",
+            "--sharding",
+            sharding,
             "--output",
             str(tmp_path / "two"),
         ],

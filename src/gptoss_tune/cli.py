@@ -294,6 +294,13 @@ def train(
     gpus: Annotated[
         int, typer.Option(help="Data-parallel processes on this machine (torchrun underneath).")
     ] = 1,
+    sharding: Annotated[
+        str,
+        typer.Option(
+            help="With several GPUs: ddp (whole model per GPU) or fsdp (weights sharded, for models "
+            "that do not fit one GPU)."
+        ),
+    ] = "ddp",
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 0,
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
     resume: Annotated[

@@ -61,6 +61,7 @@ class TrainConfig:
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     gpus: int = 1
+    sharding: str = "ddp"
     # outputs
     save_every: int = 0
     keep_last: int = 2
@@ -73,6 +74,8 @@ class TrainConfig:
                 raise GptossTuneError(
                     f"--{name} is required (on the command line or in the --config recipe)."
                 )
+        if self.sharding not in ("ddp", "fsdp"):
+            raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         if self.schedule not in SCHEDULES:
             raise GptossTuneError(f"Unknown --schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
         positive = ("lora_rank", "tokens_per_batch", "grad_accum", "epochs", "keep_last", "log_every", "gpus")

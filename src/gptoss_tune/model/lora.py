@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.model.checkpoint import atomic_directory, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss
+from gptoss_tune.model.sharded import assign_full_, full_tensor
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")  # PEFT's nesting order: registration order in the experts
@@ -224,6 +225,20 @@ def apply_lora(
     return trainable
 
 
+def reset_lora_parameters(params: Mapping[str, Tensor], seed: int) -> None:
+    """Re-draw every adapter as PEFT initializes it (A ~ U(+-1/sqrt(in)), B = 0) from `seed`, on the CPU
+    in name order: the same values on any device, for any sharding (FSDP shards get their slice)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name in sorted(params):
+        param = params[name]
+        if "lora_B" in name:
+            value = torch.zeros(param.shape)
+        else:
+            bound = 1.0 / math.sqrt(param.shape[1])  # in_features: A is [r, in] or [E, in, r]
+            value = torch.empty(param.shape).uniform_(-bound, bound, generator=generator)
+        assign_full_(param, value)
+
+
 def _lora_modules(model: GptOss) -> Iterator[tuple[Site, LoraLinear | ExpertLora]]:
     for index, layer in enumerate(model.model.layers):
         for name in ATTENTION_TARGETS:
@@ -309,6 +324,7 @@ def lora_state_dict_peft(model: GptOss, gradients: bool = False) -> dict[str, Te
         lora_a, lora_b = (
             (module.lora_A.grad, module.lora_B.grad) if gradients else (module.lora_A, module.lora_B)
         )
+        lora_a, lora_b = full_tensor(lora_a), full_tensor(lora_b)
         if isinstance(module, ExpertLora):
             lora_a, lora_b = expert_lora_to_peft(lora_a, lora_b)
         state[key_a], state[key_b] = lora_a.detach().contiguous(), lora_b.detach().contiguous()
@@ -358,13 +374,18 @@ def save_adapter(
     out_dir: str | Path,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    state: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's format, atomically."""
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's format, atomically.
+
+    `state` is `lora_state_dict_peft(model)` when the caller already gathered it (FSDP: every rank
+    gathers, one writes)."""
     sites = lora_sites(model)
     if not sites:
         raise GptossTuneError("The model has no LoRA adapter to save.")
+    state = lora_state_dict_peft(model) if state is None else state
     with atomic_directory(out_dir, overwrite=overwrite) as directory:
-        save_file(lora_state_dict_peft(model), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         write_json(directory / ADAPTER_CONFIG, adapter_config(options, sites, base_model_name_or_path))
     return Path(out_dir)
 
@@ -460,9 +481,8 @@ def _set_site_weights(module: LoraLinear | ExpertLora, peft_a: Tensor, peft_b: T
         )
     if isinstance(module, ExpertLora):
         peft_a, peft_b = expert_lora_from_peft(peft_a, peft_b, module.lora_A.shape[0])
-    with torch.no_grad():
-        module.lora_A.copy_(peft_a)
-        module.lora_B.copy_(peft_b)
+    assign_full_(module.lora_A, peft_a)
+    assign_full_(module.lora_B, peft_b)
 
 
 def load_adapter(model: GptOss, adapter_dir: str | Path) -> LoraOptions:

@@ -1,5 +1,11 @@
 """Training checkpoints: OUT/checkpoints/step-N/ with the adapter (PEFT format), optimizer, scheduler,
-RNG states and the step, written atomically so a killed run never leaves a half checkpoint."""
+every rank's RNG state and the step.
+
+Written into a temporary folder that rank 0 renames when every rank has written its part, so a run
+killed at any moment never leaves a half checkpoint. With FSDP each rank keeps its own optimizer
+shard (`optimizer-rank{r}.pt`); otherwise rank 0 writes `optimizer.pt`. The folder must be on a file
+system that every node sees.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,14 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gptoss_tune.model.checkpoint import atomic_directory
+from gptoss_tune.train import dist
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -55,25 +62,64 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optimizer_file(rank: int, sharded: bool) -> str:
+    return f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
+
+
 def save_training_checkpoint(
-    output: Path, step: int, save_adapter_to, optimizer, scheduler, state: dict, keep_last: int
+    output: Path,
+    step: int,
+    write_adapter: Callable[[Path], None],
+    optimizer,
+    scheduler,
+    state: dict,
+    keep_last: int,
+    info: dist.DistInfo,
+    sharded: bool,
 ) -> Path:
-    """Write step-N (adapter via `save_adapter_to(dir)`), then delete all but the newest `keep_last`."""
+    """Every rank calls this. `write_adapter(dir)` runs on rank 0 (gather the weights before)."""
     target = checkpoints_dir(output) / f"step-{step}"
-    with atomic_directory(target, overwrite=True) as tmp:
-        save_adapter_to(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tmp = target.with_name(f".{target.name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_adapter(tmp / "adapter")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    for _, old in complete_checkpoints(output)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(info)
+    torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    if sharded or info.is_main:
+        torch.save(optimizer.state_dict(), tmp / _optimizer_file(info.rank, sharded))
+    dist.barrier(info)
+    if info.is_main:
+        (tmp / STATE_FILE).write_text(
+            json.dumps({**state, "step": step, "world_size": info.world_size}, indent=2)
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for _, old in complete_checkpoints(output)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(info)
     return target
 
 
-def load_training_checkpoint(path: Path, load_adapter_from, optimizer, scheduler) -> dict:
+def load_training_checkpoint(
+    path: Path,
+    load_adapter_from: Callable[[Path], None],
+    optimizer,
+    scheduler,
+    info: dist.DistInfo,
+    sharded: bool,
+) -> dict:
+    from gptoss_tune.errors import GptossTuneError
+
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("world_size", 1) != info.world_size:
+        raise GptossTuneError(
+            f"{path} was written by {state.get('world_size', 1)} processes; resume with the same "
+            f"number (now {info.world_size}) to continue exactly."
+        )
     load_adapter_from(path / "adapter")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optimizer.load_state_dict(torch.load(path / _optimizer_file(info.rank, sharded), weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    restore_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    restore_rng_state(torch.load(path / f"rng-rank{info.rank}.pt", weights_only=False))
+    return state

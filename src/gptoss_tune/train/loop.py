@@ -1,5 +1,5 @@
 """The training loop: LoRA on a frozen gpt-oss, packed micro-batches, exact loss normalization,
-checkpoints that resume exactly, data parallel through torchrun.
+checkpoints that resume exactly, data parallel (DDP or FSDP2) through torchrun.
 
 The loss of an optimizer step is the mean over every trained token of the step: each micro-batch's
 summed loss is divided by the step's total trained tokens (across gradient accumulation and ranks),
@@ -21,16 +21,21 @@ import torch
 from torch import nn
 
 from gptoss_tune.config import TrainConfig
-from gptoss_tune.data.pack import MicroBatch
+from gptoss_tune.data.pack import collate
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.harmony import tokens as T
 from gptoss_tune.model.checkpoint import load_checkpoint
+from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import (
     LoraOptions,
     apply_lora,
     load_adapter,
+    lora_state_dict_peft,
+    reset_lora_parameters,
     save_adapter,
     trainable_parameter_report,
 )
+from gptoss_tune.model.sharded import full_tensor
 from gptoss_tune.train import dist
 from gptoss_tune.train.checkpoints import (
     latest_checkpoint,
@@ -38,6 +43,7 @@ from gptoss_tune.train.checkpoints import (
     save_training_checkpoint,
 )
 from gptoss_tune.train.data import (
+    Schedule,
     ensure_prepared,
     eval_batches,
     load_examples,
@@ -45,6 +51,7 @@ from gptoss_tune.train.data import (
     split_eval,
 )
 from gptoss_tune.train.metrics import MetricsLog, plot_loss
+from gptoss_tune.train.sharding import build_fsdp, wrap_ddp
 
 CONFIG_FILE = "config.yaml"
 # Options a resumed run must share with the run it continues.
@@ -75,6 +82,7 @@ RESUME_KEYS = (
     "max_grad_norm",
     "seed",
     "eval_fraction",
+    "sharding",
 )
 
 
@@ -91,15 +99,30 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-class LossModule(nn.Module):
-    """forward() = the model's summed loss, so DistributedDataParallel's hooks see the computation."""
+@dataclass
+class Run:
+    """Everything a training run holds, set up once."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    config: TrainConfig
+    info: dist.DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    output: Path
+    schedule: Schedule
+    eval_set: list
+    model: GptOss
+    module: nn.Module  # what forward() is called on: DDP / FSDP wrapper of the loss
+    params: dict[str, nn.Parameter]
+    options: LoraOptions
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def forward(self, input_ids, labels, position_ids):
-        return self.model.loss(input_ids, labels, position_ids)
+    @property
+    def sharded(self) -> bool:
+        return self.config.sharding == "fsdp" and self.info.enabled
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
 
 def pick_device(config: TrainConfig, info: dist.DistInfo) -> torch.device:
@@ -181,17 +204,192 @@ def prepare_output(config: TrainConfig, info: dist.DistInfo) -> Path:
     return output
 
 
-def evaluate(module: nn.Module, batches: list[MicroBatch], device: torch.device, autocast) -> float:
-    module.eval()
+def load_data(config: TrainConfig, output: Path, info: dist.DistInfo) -> tuple[Schedule, list]:
+    if info.is_main:  # one process prepares; the others read what it wrote
+        ensure_prepared(config.data, output / "data", config)
+        if config.eval_data:
+            ensure_prepared(config.eval_data, output / "eval_data", config)
+    dist.barrier(info)
+    examples, sources = load_examples(ensure_prepared(config.data, output / "data", config))
+    train_examples, held_out = split_eval(examples, sources, config.eval_fraction, config.seed)
+    if config.eval_data:
+        held_out = load_examples(ensure_prepared(config.eval_data, output / "eval_data", config))[0]
+    schedule = make_schedule(train_examples, config, info.world_size)
+    return schedule, eval_batches(held_out, config.tokens_per_batch) if held_out else []
+
+
+def build_model(
+    config: TrainConfig, options: LoraOptions, dtype: torch.dtype, device: torch.device, info: dist.DistInfo
+) -> tuple[GptOss, nn.Module, dict[str, nn.Parameter]]:
+    if config.sharding == "fsdp" and info.enabled:
+        module, model, params = build_fsdp(config.model, options, dtype, device, info)
+    else:
+        model = load_checkpoint(config.model, dtype=dtype, device=device)
+        params = apply_lora(model, options)
+        for (
+            param
+        ) in params.values():  # adapters and their optimizer state in fp32 (autocast computes in bf16)
+            param.data = param.data.float()
+        module = wrap_ddp(model, device, info)
+    reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
+    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    return model, module, params
+
+
+def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) -> Run:
+    device = pick_device(config, info)
+    dtype = pick_dtype(config, device)
+    seed_everything(config.seed)
+    output = prepare_output(config, info)
+    schedule, eval_set = load_data(config, output, info)
+    options = lora_options(config)
+    model, module, params = build_model(config, options, dtype, device, info)
+    if info.is_main:
+        report = trainable_parameter_report(model)
+        log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
+    optimizer = torch.optim.AdamW(
+        list(params.values()),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda" and config.sharding != "fsdp",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, schedule.total_steps))
+    return Run(
+        config,
+        info,
+        device,
+        dtype,
+        output,
+        schedule,
+        eval_set,
+        model,
+        module,
+        params,
+        options,
+        optimizer,
+        scheduler,
+    )
+
+
+def save_adapter_everywhere(run: Run, directory: Path) -> None:
+    """Every rank gathers the adapter (a collective under FSDP); rank 0 writes it."""
+    state = lora_state_dict_peft(run.model)
+    if run.info.is_main:
+        save_adapter(
+            run.model,
+            run.options,
+            directory,
+            base_model_name_or_path=run.config.model,
+            overwrite=True,
+            state=state,
+        )
+    dist.barrier(run.info)
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    state = lora_state_dict_peft(run.model)
+
+    def write_adapter(directory: Path) -> None:
+        save_adapter(
+            run.model,
+            run.options,
+            directory,
+            base_model_name_or_path=run.config.model,
+            overwrite=True,
+            state=state,
+        )
+
+    return save_training_checkpoint(
+        run.output,
+        step,
+        write_adapter,
+        run.optimizer,
+        run.scheduler,
+        {"config": run.config.to_dict()},
+        run.config.keep_last,
+        run.info,
+        run.sharded,
+    )
+
+
+def resume(run: Run, log: Callable[[str], None]) -> int:
+    checkpoint = latest_checkpoint(run.output) if run.config.resume else None
+    if checkpoint is None:
+        return 0
+    state = load_training_checkpoint(
+        checkpoint, lambda d: load_adapter(run.model, d), run.optimizer, run.scheduler, run.info, run.sharded
+    )
+    if run.info.is_main:
+        log(f"resumed from {checkpoint} (step {state['step']})")
+    return state["step"]
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss over the held-out trained tokens. Every rank evaluates every batch (the set is small),
+    so FSDP's collectives stay in step and no reduction is needed."""
+    run.module.eval()
     loss_sum, count = 0.0, 0
-    with torch.no_grad(), autocast():
-        for batch in batches:
-            batch = batch.to(device)
-            total, n = module(batch.input_ids, batch.labels, batch.position_ids)
+    with torch.no_grad(), run.autocast():
+        for batch in run.eval_set:
+            batch = batch.to(run.device)
+            total, n = run.module(batch.input_ids, batch.labels, batch.position_ids)
             loss_sum += float(total)
             count += int(n)
-    module.train()
+    run.module.train()
     return loss_sum / max(count, 1)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Forward and backward over this rank's micro-batches of `step`, then one optimizer update."""
+    denominator = run.schedule.step_trained_tokens(step)
+    batches = run.schedule.rank_batches(
+        step, run.info.rank, pad_to_multiple=128 if run.device.type == "cuda" else 1
+    )
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float32)
+    tokens = 0
+    count = max(len(batches), 1)
+    for index, batch in enumerate(batches or [None]):
+        defer_sync = run.info.enabled and not run.sharded and index < count - 1
+        with run.module.no_sync() if defer_sync else nullcontext(), run.autocast():
+            if batch is None:
+                # This rank has no micro-batch left in the epoch's last step: it runs a tiny batch with
+                # zero weight, so every rank goes through the same forward/backward collectives.
+                dummy = collate([([T.END_OF_TEXT] * 2, [T.END_OF_TEXT] * 2)]).to(run.device)
+                total = run.module(dummy.input_ids, dummy.labels, dummy.position_ids)[0] * 0.0
+            else:
+                batch = batch.to(run.device)
+                total, _ = run.module(batch.input_ids, batch.labels, batch.position_ids)
+                tokens += batch.num_tokens
+            # DDP and FSDP average gradients over ranks; scaling by world size makes that a sum.
+            (total * (run.info.world_size / denominator)).backward()
+        loss_sum += total.detach().float()
+    reduced = dist.all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(tokens), device=run.device)]), run.info
+    )
+    step_loss = float(reduced[0]) / denominator
+    if not math.isfinite(step_loss):
+        raise GptossTuneError(
+            f"The loss became {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
+            f"{latest_checkpoint(run.output) or 'none'}. Lower --lr, check the data, or use --dtype fp32 to find "
+            "the cause."
+        )
+    grad_norm = float(
+        full_tensor(torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.config.max_grad_norm))
+    )
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {
+        "kind": "train",
+        "step": step + 1,
+        "epoch": run.schedule.epoch_of(step),
+        "loss": step_loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": int(reduced[1]),
+        "trained_tokens": denominator,
+    }
 
 
 def adapters_without_updates(initial: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> list[str]:
@@ -200,169 +398,76 @@ def adapters_without_updates(initial: dict[str, torch.Tensor], params: dict[str,
     return [
         name
         for name, p in params.items()
-        if "lora_B" in name and torch.equal(initial[name], p.detach().to(initial[name].device))
+        if "lora_B" in name and torch.equal(initial[name], full_tensor(p.detach()).cpu())
     ]
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print, progress=None) -> TrainResult:
     """Run a training job described by `config`. `progress(step, total, record)` reports each step."""
-    started = time.perf_counter()
-    device_type = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if config.device not in ("auto", "cuda") and not config.device.startswith("cuda"):
-        device_type = "cpu"
-    info = dist.init_distributed(device_type)
+    uses_cuda = torch.cuda.is_available() and (config.device == "auto" or config.device.startswith("cuda"))
+    info = dist.init_distributed("cuda" if uses_cuda else "cpu")
     try:
-        return _train(config, info, log, progress, started)
+        return _train(config, info, log, progress)
     finally:
         dist.shutdown(info)
 
 
-def _train(config: TrainConfig, info: dist.DistInfo, log, progress, started: float) -> TrainResult:
-    device = pick_device(config, info)
-    dtype = pick_dtype(config, device)
-    seed_everything(config.seed)
-    output = prepare_output(config, info)
-
-    # data
-    prepared = ensure_prepared(config.data, output / "data", config) if info.is_main else None
-    dist.barrier(info)
-    prepared = prepared or ensure_prepared(config.data, output / "data", config)
-    examples, sources = load_examples(prepared)
-    train_examples, held_out = split_eval(examples, sources, config.eval_fraction, config.seed)
-    if config.eval_data:
-        held_out = load_examples(ensure_prepared(config.eval_data, output / "eval_data", config))[0]
-    schedule = make_schedule(train_examples, config, info.world_size)
-    eval_set = eval_batches(held_out, config.tokens_per_batch) if held_out else []
-
-    # model + adapters
-    model = load_checkpoint(config.model, dtype=dtype, device=device)
-    model.requires_grad_(False)
-    options = lora_options(config)
-    params = apply_lora(model, options)
-    for param in params.values():  # adapters and their optimizer state in fp32 (autocast computes in bf16)
-        param.data = param.data.float()
-    model.set_gradient_checkpointing(config.gradient_checkpointing)
-    if info.is_main:
-        report = trainable_parameter_report(model)
-        log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
-    initial = {name: p.detach().clone().cpu() for name, p in params.items()}
-    module: nn.Module = LossModule(model)
-    if info.enabled:
-        module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    optimizer = torch.optim.AdamW(
-        list(params.values()), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, schedule.total_steps))
-
-    def save_adapter_to(directory: Path) -> None:
-        save_adapter(model, options, directory, base_model_name_or_path=config.model, overwrite=True)
-
-    start_step = 0
-    if config.resume and (checkpoint := latest_checkpoint(output)):
-        state = load_training_checkpoint(checkpoint, lambda d: load_adapter(model, d), optimizer, scheduler)
-        start_step = state["step"]
-        if info.is_main:
-            log(f"resumed from {checkpoint} (step {start_step})")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-    metrics = MetricsLog(output, resume_step=start_step) if info.is_main else None
+def _train(config: TrainConfig, info: dist.DistInfo, log, progress) -> TrainResult:
+    started = time.perf_counter()
+    run = setup(config, info, log)
+    start_step = resume(run, log)
+    initial = {name: full_tensor(p.detach()).cpu().clone() for name, p in run.params.items()}
+    if start_step:  # compare against a fresh adapter: B starts at zero
+        initial = {name: torch.zeros_like(t) if "lora_B" in name else t for name, t in initial.items()}
+    metrics = MetricsLog(run.output, resume_step=start_step) if info.is_main else None
+    total_steps = run.schedule.total_steps
     first_loss = last_loss = eval_loss = None
     tokens_seen = trained_seen = 0
-    pad = 128 if device.type == "cuda" else 1
     step_started = time.perf_counter()
-    for step in range(start_step, schedule.total_steps):
-        denominator = schedule.step_trained_tokens(step)
-        batches = schedule.rank_batches(step, info.rank, pad)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-        local_tokens = 0
-        for index, batch in enumerate(batches or [None]):
-            is_last = index == max(len(batches), 1) - 1
-            sync = module.no_sync() if info.enabled and not is_last else nullcontext()
-            with sync, autocast():
-                if batch is None:  # this rank has no micro-batch left in the last step: join with zero loss
-                    total = sum(p.sum() for p in params.values()) * 0.0
-                else:
-                    batch = batch.to(device)
-                    total, _ = module(batch.input_ids, batch.labels, batch.position_ids)
-                    local_tokens += batch.num_tokens
-                    if not total.requires_grad:  # nothing trained in this micro-batch
-                        total = total + sum(p.sum() for p in params.values()) * 0.0
-                (total * (info.world_size / denominator)).backward()
-            loss_sum += total.detach().float()
-        reduced = dist.all_reduce_sum(
-            torch.stack([loss_sum, torch.tensor(float(local_tokens), device=device)]), info
-        )
-        step_loss = float(reduced[0]) / denominator
-        if not math.isfinite(step_loss):
-            previous = latest_checkpoint(output)
-            raise GptossTuneError(
-                f"The loss became {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
-                f"{previous or 'none'}. Lower --lr, check the data, or use --dtype fp32 to find the cause."
-            )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        tokens_seen += int(reduced[1])
-        trained_seen += denominator
-        first_loss = step_loss if first_loss is None else first_loss
-        last_loss = step_loss
+    for step in range(start_step, total_steps):
+        record = train_step(run, step)
         now = time.perf_counter()
-        record = {
-            "kind": "train",
-            "step": done,
-            "epoch": schedule.epoch_of(step),
-            "loss": step_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": int(reduced[1]),
-            "trained_tokens": denominator,
-            "tokens_per_s": int(reduced[1]) / max(now - step_started, 1e-9),
-        }
+        record["tokens_per_s"] = record["tokens"] / max(now - step_started, 1e-9)
         step_started = now
-        if metrics and (done % config.log_every == 0 or done == schedule.total_steps):
+        done = record["step"]
+        tokens_seen += record["tokens"]
+        trained_seen += record["trained_tokens"]
+        first_loss = record["loss"] if first_loss is None else first_loss
+        last_loss = record["loss"]
+        if metrics and (done % config.log_every == 0 or done == total_steps):
             metrics.log(record)
         if progress and info.is_main:
-            progress(done, schedule.total_steps, record)
-        if eval_set and config.eval_every and done % config.eval_every == 0:
-            eval_loss = evaluate(module, eval_set, device, autocast)
+            progress(done, total_steps, record)
+        if run.eval_set and config.eval_every and done % config.eval_every == 0:
+            eval_loss = evaluate(run)
             if metrics:
                 metrics.log({"kind": "eval", "step": done, "loss": eval_loss})
-        if config.save_every and done % config.save_every == 0 and done < schedule.total_steps:
-            _save(output, done, save_adapter_to, optimizer, scheduler, config, info)
+        if config.save_every and done % config.save_every == 0 and done < total_steps:
+            save_checkpoint(run, done)
 
-    total_steps = schedule.total_steps
-    if eval_set and (not config.eval_every or total_steps % config.eval_every):
-        eval_loss = evaluate(module, eval_set, device, autocast)
+    if run.eval_set and (not config.eval_every or total_steps % config.eval_every):
+        eval_loss = evaluate(run)
         if metrics:
             metrics.log({"kind": "eval", "step": total_steps, "loss": eval_loss})
     files: dict[str, Path] = {}
     if start_step < total_steps:
-        files["checkpoint"] = _save(output, total_steps, save_adapter_to, optimizer, scheduler, config, info)
-    if info.is_main:
-        files["adapter"] = output / "adapter"
-        save_adapter_to(files["adapter"])
+        files["checkpoint"] = save_checkpoint(run, total_steps)
+    files["adapter"] = run.output / "adapter"
+    save_adapter_everywhere(run, files["adapter"])
+    if metrics:
         metrics.close()
-        if plot := plot_loss(output / "metrics.jsonl", output / "loss.png"):
+        if plot := plot_loss(run.output / "metrics.jsonl", run.output / "loss.png"):
             files["loss_plot"] = plot
-        files["metrics"] = output / "metrics.jsonl"
-        files["config"] = output / CONFIG_FILE
-    if untouched := adapters_without_updates(initial, params):
+        files["metrics"] = run.output / "metrics.jsonl"
+        files["config"] = run.output / CONFIG_FILE
+    if untouched := adapters_without_updates(initial, run.params):
         raise GptossTuneError(
             f"{len(untouched)} LoRA adapter(s) received no update, e.g. {', '.join(untouched[:4])}: their layers "
             "never saw a trained token's gradient. The adapter was saved, but check --lora-targets/--lora-layers "
             "and the data."
         )
     return TrainResult(
-        output,
+        run.output,
         total_steps,
         first_loss,
         last_loss,
@@ -372,21 +477,3 @@ def _train(config: TrainConfig, info: dist.DistInfo, log, progress, started: flo
         time.perf_counter() - started,
         files,
     )
-
-
-def _save(
-    output, step, save_adapter_to, optimizer, scheduler, config: TrainConfig, info: dist.DistInfo
-) -> Path:
-    target = output / "checkpoints" / f"step-{step}"
-    if info.is_main:
-        save_training_checkpoint(
-            output,
-            step,
-            save_adapter_to,
-            optimizer,
-            scheduler,
-            {"config": config.to_dict()},
-            config.keep_last,
-        )
-    dist.barrier(info)
-    return target
