@@ -271,10 +271,12 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
     )
 
 
-def save_adapter_everywhere(run: Run, directory: Path) -> None:
-    """Every rank gathers the adapter (a collective under FSDP); rank 0 writes it."""
+def adapter_writer(run: Run) -> Callable[[Path], None]:
+    """Gathers the adapter now (a collective under FSDP: every rank calls this); the returned function
+    writes it (rank 0 calls it)."""
     state = lora_state_dict_peft(run.model)
-    if run.info.is_main:
+
+    def write(directory: Path) -> None:
         save_adapter(
             run.model,
             run.options,
@@ -283,22 +285,19 @@ def save_adapter_everywhere(run: Run, directory: Path) -> None:
             overwrite=True,
             state=state,
         )
+
+    return write
+
+
+def save_final_adapter(run: Run, directory: Path) -> None:
+    write = adapter_writer(run)
+    if run.info.is_main:
+        write(directory)
     dist.barrier(run.info)
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    state = lora_state_dict_peft(run.model)
-
-    def write_adapter(directory: Path) -> None:
-        save_adapter(
-            run.model,
-            run.options,
-            directory,
-            base_model_name_or_path=run.config.model,
-            overwrite=True,
-            state=state,
-        )
-
+    write_adapter = adapter_writer(run)
     return save_training_checkpoint(
         run.output,
         step,
@@ -453,7 +452,7 @@ def _train(config: TrainConfig, info: dist.DistInfo, log, progress) -> TrainResu
     if start_step < total_steps:
         files["checkpoint"] = save_checkpoint(run, total_steps)
     files["adapter"] = run.output / "adapter"
-    save_adapter_everywhere(run, files["adapter"])
+    save_final_adapter(run, files["adapter"])
     if metrics:
         metrics.close()
         if plot := plot_loss(run.output / "metrics.jsonl", run.output / "loss.png"):
