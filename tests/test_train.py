@@ -258,3 +258,19 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_p
     one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+def test_mxfp4_expert_storage_trains_exactly_like_dense(short_chats, tmp_path):
+    from gptoss_tune.model.init import init_model
+
+    model_dir = init_model("tiny", tmp_path / "mxfp4", mxfp4=True, dtype=torch.float32, progress=False)
+    runs = {}
+    for storage in ("bf16", "mxfp4"):
+        lines: list[str] = []
+        out = tmp_path / f"run-{storage}"
+        train(config(model_dir, short_chats, out, max_steps=3, expert_storage=storage), log=lines.append)
+        assert f"expert storage: {'mxfp4' if storage == 'mxfp4' else 'dense float32'}" in lines
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[storage] = ([r["loss"] for r in records], adapter_tensors(out))
+    assert len(runs["bf16"][0]) == 3 and runs["bf16"][0] == runs["mxfp4"][0]
+    assert all(torch.equal(runs["mxfp4"][1][key], value) for key, value in runs["bf16"][1].items())

@@ -15,6 +15,7 @@ import yaml
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony.render import DEFAULT_DATE
+from gptoss_tune.model.mxfp4 import EXPERT_STORAGES
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -62,6 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gpus: int = 1
     sharding: str = "ddp"
+    expert_storage: str = "auto"  # auto, mxfp4, bf16: see gptoss_tune.model.mxfp4
     # outputs
     save_every: int = 0
     keep_last: int = 2
@@ -74,6 +76,10 @@ class TrainConfig:
                 raise GptossTuneError(
                     f"--{name} is required (on the command line or in the --config recipe)."
                 )
+        if self.expert_storage not in EXPERT_STORAGES:
+            raise GptossTuneError(
+                f"Unknown --expert-storage '{self.expert_storage}': use {', '.join(EXPERT_STORAGES)}."
+            )
         if self.sharding not in ("ddp", "fsdp"):
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         if self.schedule not in SCHEDULES:

@@ -31,15 +31,21 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.gpt_oss import Experts, GptOss
+from gptoss_tune.model.mxfp4 import (
+    FP4_VALUES,
+    MXFP4_BLOCK_SIZE,
+    MXFP4_SCALE_BIAS,
+    Mxfp4Weight,
+    densify_tensors,
+    dequantize_experts,
+    resolve_expert_storage,
+)
 from gptoss_tune.model.presets import MXFP4_MODULES_NOT_CONVERTED
 
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # Midpoints between consecutive e2m1 magnitudes: rounding to nearest is a bucket lookup.
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _FP4_MAX = 6.0
-MXFP4_BLOCK_SIZE = 32
-MXFP4_SCALE_BIAS = 127
 
 # Our names of the tensors that MXFP4 checkpoints store quantized.
 QUANTIZED_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -168,12 +174,8 @@ def quantize_mxfp4(values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def expert_weight_from_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """Stored [E, out, in] MXFP4 -> our [E, in, out] expert weight, one expert at a time."""
-    experts, out_features, groups, half_block = blocks.shape
-    weight = torch.empty(experts, groups * 2 * half_block, out_features, dtype=dtype, device=blocks.device)
-    for expert in range(experts):
-        weight[expert] = dequantize_mxfp4(blocks[expert], scales[expert], dtype).T
-    return weight
+    """Stored [E, out, in] MXFP4 -> our [E, in, out] expert weight (contiguous)."""
+    return dequantize_experts(blocks, scales, dtype)
 
 
 def expert_weight_to_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,6 +208,11 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     )
 
 
+def checkpoint_has_mxfp4_experts(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` stores (some) expert weights as MXFP4 `_blocks` / `_scales`."""
+    return any(name.endswith("_blocks") for name in _tensor_files(Path(path)))
+
+
 def iter_checkpoint_tensors(
     path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Iterator[tuple[str, Tensor]]:
@@ -213,6 +220,15 @@ def iter_checkpoint_tensors(
 
     MXFP4 experts are dequantized to `dtype`; floating tensors are cast to `dtype`.
     """
+    for name, tensor in iter_stored_tensors(path, dtype, device):
+        yield name, tensor.dequantize(dtype) if isinstance(tensor, Mxfp4Weight) else tensor
+
+
+def iter_stored_tensors(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, Tensor | Mxfp4Weight]]:
+    """Like `iter_checkpoint_tensors`, but MXFP4 experts come as they are stored: an `Mxfp4Weight`
+    (blocks and scales, read straight to `device`) under our name of the dense weight."""
     path = Path(path)
     files = _tensor_files(path)
     with ExitStack() as stack:
@@ -233,7 +249,11 @@ def iter_checkpoint_tensors(
                 base = name.removesuffix("_blocks")
                 if base + "_scales" not in files:
                     raise GptossTuneError(f"{path}: {name} has no matching _scales tensor.")
-                yield base, expert_weight_from_mxfp4(read(name), read(base + "_scales"), dtype)
+                try:
+                    weight = Mxfp4Weight(read(name), read(base + "_scales"))
+                except ValueError as exc:
+                    raise GptossTuneError(f"{path}: {base}: {exc}") from None
+                yield base, weight
                 continue
             tensor = read(name)
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -246,20 +266,41 @@ def _replace_parameter(model: nn.Module, name: str, tensor: Tensor) -> None:
     setattr(module, attribute, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
+def _store_mxfp4(model: nn.Module, name: str, weight: Mxfp4Weight) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    experts = model.get_submodule(module_name)
+    if not isinstance(experts, Experts):
+        raise GptossTuneError(f"'{name}' is stored as MXFP4, but only expert weights can be.")
+    experts.store_mxfp4(attribute, weight)
+
+
 def load_weights(
-    model: GptOss, path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model: GptOss,
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    keep_mxfp4: bool = False,
 ) -> None:
-    """Fill `model` (usually built on the meta device) from the checkpoint at `path`, tensor by tensor."""
+    """Fill `model` (usually built on the meta device) from the checkpoint at `path`, tensor by tensor.
+
+    With `keep_mxfp4`, MXFP4 experts stay quantized (`Experts.store_mxfp4`, straight to `device`);
+    otherwise they are dequantized to `dtype`.
+    """
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
     missing = set(expected)
-    for name, tensor in iter_checkpoint_tensors(path, dtype, device):
+    for name, tensor in iter_stored_tensors(path, dtype, device):
         if name not in expected:
             raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
         if tuple(tensor.shape) != expected[name]:
             raise GptossTuneError(
                 f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the config implies {expected[name]}."
             )
-        _replace_parameter(model, name, tensor.to(device))
+        if isinstance(tensor, Mxfp4Weight) and keep_mxfp4:
+            _store_mxfp4(model, name, tensor)
+        elif isinstance(tensor, Mxfp4Weight):
+            _replace_parameter(model, name, tensor.dequantize(dtype))
+        else:
+            _replace_parameter(model, name, tensor.to(device))
         missing.discard(name)
     if missing:
         raise GptossTuneError(
@@ -268,14 +309,26 @@ def load_weights(
 
 
 def load_checkpoint(
-    model_id_or_path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_id_or_path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    expert_storage: str = "bf16",
 ) -> GptOss:
-    """Our model with the weights of a local directory or hub id (plain or MXFP4 experts)."""
+    """Our model with the weights of a local directory or hub id (plain or MXFP4 experts).
+
+    `expert_storage` (see `gptoss_tune.model.mxfp4`): "bf16" keeps the experts dense in `dtype`
+    (MXFP4 ones are dequantized at load); "mxfp4" keeps an MXFP4 checkpoint's experts quantized on
+    `device`; "auto" is mxfp4 for an MXFP4 checkpoint loaded to a GPU, else bf16.
+    """
     path = resolve_model_path(model_id_or_path)
     config = read_config(path)
+    try:
+        storage = resolve_expert_storage(expert_storage, checkpoint_has_mxfp4_experts(path), device)
+    except ValueError as exc:
+        raise GptossTuneError(f"{path}: {exc}") from None
     with torch.device("meta"):
         model = GptOss(config)
-    load_weights(model, path, dtype, device)
+    load_weights(model, path, dtype, device, keep_mxfp4=storage == "mxfp4")
     return model
 
 
@@ -381,8 +434,14 @@ def write_weights(
     mxfp4: bool,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
-    """Write (name, tensor) pairs in our layout as safetensors shards in `directory`."""
+    """Write (name, tensor) pairs in our layout as safetensors shards in `directory`.
+
+    MXFP4 pairs (`X_blocks`, `X_scales`, e.g. from the state dict of a model with MXFP4 expert
+    storage) are written as they are with `mxfp4`, and dequantized to `dtype` without.
+    """
     writer = ShardWriter(directory, max_shard_bytes)
+    if not mxfp4:
+        tensors = densify_tensors(tensors, dtype)
     for name, tensor in tensors:
         if mxfp4 and _is_quantized_expert_weight(name):
             blocks, scales = expert_weight_to_mxfp4(tensor)

@@ -5,8 +5,9 @@
 
 - Packed batches. `position_ids` restart at every document start; a token attends only to earlier
   tokens of its own document (and, on sliding layers, only to the last `sliding_window` of them).
-- Attention and the expert computation are plain functions that can be swapped for GPU kernels
-  (`GptOss.set_kernels`); the eager ones here are the reference.
+- Attention, the expert computation and the loss are plain functions that can be swapped for GPU
+  kernels (`GptOss.set_kernels`, see `gptoss_tune.kernels`); the eager ones here are the reference.
+  Fused kernels read the expert weights through `Experts.gate_up_weight()` / `down_weight()`.
 - Expert LoRA is computed on the routed tokens (x A_e B_e), never by materializing W + BA; the
   adapters are attached by `gptoss_tune.model.lora`.
 - The loss returns a sum and a count, so a trainer can normalize over a whole optimizer step.
@@ -14,6 +15,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -22,6 +25,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GptOssConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from gptoss_tune.model.mxfp4 import DequantizeFn, Mxfp4Weight, dequantize_experts, frozen_weight_op
 
 IGNORE_INDEX = -100
 
@@ -109,6 +114,14 @@ def eager_attention(
     return torch.matmul(probs, value.unsqueeze(2)).view(batch, num_heads, length, head_dim)
 
 
+class LossFn(Protocol):
+    def __call__(
+        self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, position_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Final hidden states [B, T, H] -> (sum of next-token losses in fp32, number of targets)."""
+        ...
+
+
 class ExpertsFn(Protocol):
     def __call__(
         self, experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor
@@ -134,6 +147,8 @@ def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expe
     """Loop over the experts that received tokens; each runs only on its own tokens."""
     order, tokens, counts = group_by_expert(expert_indices, experts.num_experts)
     weights = expert_weights.reshape(-1)[order]
+    # Once per layer forward (MXFP4 storage dequantizes here); each expert reads its slice.
+    gate_up_weight, down_weight = experts.gate_up_weight(), experts.down_weight()
     output = torch.zeros_like(hidden)
     start = 0
     for expert, count in enumerate(counts):
@@ -141,7 +156,8 @@ def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expe
             continue
         token_index = tokens[start : start + count]
         routed = hidden.index_select(0, token_index)
-        expert_out = experts.down(experts.activation(experts.gate_up(routed, expert)), expert)
+        activated = experts.activation(experts.gate_up(routed, expert, gate_up_weight))
+        expert_out = experts.down(activated, expert, down_weight)
         expert_out = expert_out * weights[start : start + count, None]
         output.index_add_(0, token_index, expert_out.to(hidden.dtype))
         start += count
@@ -270,7 +286,15 @@ class Experts(nn.Module):
     gate_up_proj interleaves gate and up columns (gate = [..., ::2], up = [..., 1::2]).
     `gate_up_lora` / `down_lora` are optional low-rank adapters (see `gptoss_tune.model.lora`):
     modules called as adapter(x, expert) that return the low-rank update of that projection.
+
+    Storage, per projection: a dense parameter `gate_up_proj` / `down_proj`, or MXFP4 (`store_mxfp4`):
+    uint8 buffers `gate_up_proj_blocks` / `_scales` in the checkpoint layout, which are also the
+    state-dict keys of MXFP4 checkpoints. Compute reads weights only through `gate_up_weight()` /
+    `down_weight()` (dense, in the biases' dtype) and keeps no reference to them for backward
+    (`gptoss_tune.model.mxfp4.frozen_weight_op`), so dequantized weights live for one layer only.
     """
+
+    PROJECTIONS = ("gate_up_proj", "down_proj")
 
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
@@ -285,9 +309,70 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden))
         self.gate_up_lora: nn.Module | None = None
         self.down_lora: nn.Module | None = None
+        self.shapes = {"gate_up_proj": (experts, hidden, 2 * inner), "down_proj": (experts, inner, hidden)}
+        self.dequantize_fn: DequantizeFn = dequantize_experts
 
-    def gate_up(self, routed: Tensor, expert: int) -> Tensor:
-        out = routed @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+    # --- storage ------------------------------------------------------------------------------------
+
+    def is_mxfp4(self, name: str) -> bool:
+        """Whether projection `name` (gate_up_proj or down_proj) is stored as MXFP4."""
+        return f"{name}_blocks" in self._buffers
+
+    def weight_shape(self, name: str) -> torch.Size:
+        """The dense [E, in, out] shape of projection `name`, whatever its storage."""
+        return torch.Size(self.shapes[name])
+
+    def store_mxfp4(self, name: str, weight: Mxfp4Weight) -> None:
+        """Keep projection `name` as MXFP4 buffers (frozen; the dense parameter is dropped)."""
+        if weight.shape != self.weight_shape(name):
+            raise ValueError(
+                f"MXFP4 {name} dequantizes to {tuple(weight.shape)}, expected {tuple(self.weight_shape(name))}"
+            )
+        self._parameters.pop(name, None)
+        self.register_buffer(f"{name}_blocks", weight.blocks)
+        self.register_buffer(f"{name}_scales", weight.scales)
+
+    def store_dense(self, name: str, weight: Tensor) -> None:
+        """Keep projection `name` as a frozen dense parameter [E, in, out] (e.g. `dense(name)` of an
+        MXFP4-stored projection), dropping MXFP4 buffers."""
+        if weight.shape != self.weight_shape(name):
+            raise ValueError(f"{name} is {tuple(weight.shape)}, expected {tuple(self.weight_shape(name))}")
+        self._buffers.pop(f"{name}_blocks", None)
+        self._buffers.pop(f"{name}_scales", None)
+        self.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+
+    def dense(self, name: str, experts: slice | None = None) -> Tensor:
+        """Dense weight of projection `name` [E, in, out] (or of the `experts` slice) in the
+        compute dtype: the parameter itself, or a fresh dequantization of the MXFP4 buffers."""
+        if not self.is_mxfp4(name):
+            weight = getattr(self, name)
+            return weight if experts is None else weight[experts]
+        blocks, scales = self._buffers[f"{name}_blocks"], self._buffers[f"{name}_scales"]
+        if experts is not None:
+            blocks, scales = blocks[experts], scales[experts]
+        return self.dequantize_fn(blocks, scales, getattr(self, f"{name}_bias").dtype)
+
+    def expert_weight(self, name: str, expert: int) -> Tensor:
+        """One expert's dense weight [in, out]; what backward rebuilds instead of saving it."""
+        return self.dense(name, slice(expert, expert + 1))[0]
+
+    def gate_up_weight(self) -> Tensor:
+        """The dense gate_up weight [E, H, 2I] that every compute path reads (storage may differ)."""
+        return self.dense("gate_up_proj")
+
+    def down_weight(self) -> Tensor:
+        """The dense down weight [E, I, H] that every compute path reads (storage may differ)."""
+        return self.dense("down_proj")
+
+    # --- compute ------------------------------------------------------------------------------------
+
+    def _project(self, name: str, routed: Tensor, expert: int, weight: Tensor) -> Tensor:
+        rebuild = partial(self.expert_weight, name, expert)
+        return frozen_weight_op(torch.matmul, routed, weight[expert], rebuild)
+
+    def gate_up(self, routed: Tensor, expert: int, weight: Tensor) -> Tensor:
+        """routed [n, H] -> [n, 2I] for one expert; `weight` is `gate_up_weight()`, fetched once per layer."""
+        out = self._project("gate_up_proj", routed, expert, weight) + self.gate_up_proj_bias[expert]
         if self.gate_up_lora is not None:
             out = out + self.gate_up_lora(routed, expert)
         return out
@@ -299,8 +384,9 @@ class Experts(nn.Module):
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
-    def down(self, activated: Tensor, expert: int) -> Tensor:
-        out = activated @ self.down_proj[expert] + self.down_proj_bias[expert]
+    def down(self, activated: Tensor, expert: int, weight: Tensor) -> Tensor:
+        """activated [n, I] -> [n, H] for one expert; `weight` is `down_weight()`, fetched once per layer."""
+        out = self._project("down_proj", activated, expert, weight) + self.down_proj_bias[expert]
         if self.down_lora is not None:
             out = out + self.down_lora(activated, expert)
         return out
@@ -342,14 +428,14 @@ class GptOssDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
-        self.gradient_checkpointing = False
+        self.checkpointed_layers: frozenset[int] = frozenset()  # recomputed in backward
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         documents = document_ids(position_ids)
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for index, layer in enumerate(self.layers):
+            if index in self.checkpointed_layers and torch.is_grad_enabled():
                 hidden = checkpoint(layer, hidden, cos, sin, documents, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, documents)
@@ -364,6 +450,7 @@ class GptOss(nn.Module):
         self.config = config
         self.model = GptOssDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_fn: LossFn = chunked_causal_lm_loss
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Final-normed hidden states [B, T, H]; position_ids restart at 0 at each packed document."""
@@ -380,18 +467,30 @@ class GptOss(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(sum of token losses, number of trained tokens); labels are aligned with input_ids."""
         hidden = self.hidden_states(input_ids, position_ids)
-        return chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, position_ids)
+        return self.loss_fn(hidden, self.lm_head.weight, labels, position_ids)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.model.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, enabled: bool | Iterable[int] = True) -> None:
+        """Recompute layer activations in backward: True for every layer, False for none, or the
+        indices of the layers to recompute (selective checkpointing)."""
+        every_layer = range(len(self.model.layers))
+        layers = enabled if not isinstance(enabled, bool) else every_layer if enabled else ()
+        self.model.checkpointed_layers = frozenset(int(index) for index in layers)
 
-    def set_kernels(self, attention: AttentionFn | None = None, experts: ExpertsFn | None = None) -> None:
-        """Swap the attention and / or expert computation of every layer (e.g. for GPU kernels)."""
+    def set_kernels(
+        self,
+        attention: AttentionFn | None = None,
+        experts: ExpertsFn | None = None,
+        loss: LossFn | None = None,
+    ) -> None:
+        """Swap the attention and / or expert computation of every layer, and / or the loss (e.g. for
+        GPU kernels)."""
         for layer in self.model.layers:
             if attention is not None:
                 layer.self_attn.attention_fn = attention
             if experts is not None:
                 layer.mlp.experts_fn = experts
+        if loss is not None:
+            self.loss_fn = loss
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -166,15 +166,23 @@ class LoraLinear(nn.Linear):
 
 
 class ExpertLora(nn.Module):
-    """Per-expert low-rank update of one stacked expert projection [E, in, out]:
-    `lora_A` [E, in, r], `lora_B` [E, r, out]; called with the tokens routed to one expert."""
+    """Per-expert low-rank update of one stacked expert projection of `shape` [E, in, out]:
+    `lora_A` [E, in, r], `lora_B` [E, r, out]; called with the tokens routed to one expert.
+    Built from the shape, not the weight, so it also fits experts stored in MXFP4."""
 
     def __init__(
-        self, base: Tensor, rank: int, scaling: float, generator: torch.Generator | None = None
+        self,
+        shape: tuple[int, int, int],
+        rank: int,
+        scaling: float,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        experts, in_features, out_features = base.shape
-        factory = {"device": base.device, "dtype": base.dtype}
+        experts, in_features, out_features = shape
+        factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(experts, in_features, rank, **factory))
         self.lora_B = nn.Parameter(torch.zeros(experts, rank, out_features, **factory))
         _kaiming_uniform_(self.lora_A, in_features, generator)
@@ -204,7 +212,10 @@ def _attach(model: GptOss, site: Site, options: LoraOptions, generator: torch.Ge
     slot = "gate_up_lora" if name == "gate_up_proj" else "down_lora"
     if getattr(experts, slot) is not None:
         raise GptossTuneError(f"Layer {layer_index} {name} already has a LoRA adapter.")
-    setattr(experts, slot, ExpertLora(getattr(experts, name), options.rank, options.scaling, generator))
+    bias = getattr(experts, f"{name}_bias")  # device and dtype of the projection, whatever its storage
+    shape, factory = experts.weight_shape(name), {"device": bias.device, "dtype": bias.dtype}
+    adapter = ExpertLora(shape, options.rank, options.scaling, generator, **factory)
+    setattr(experts, slot, adapter)
 
 
 def apply_lora(
@@ -262,7 +273,8 @@ def trainable_parameter_report(model: GptOss) -> dict[str, int]:
         report[name] += sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
     report = {name: count for name, count in report.items() if count}
     report["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report["total"] = sum(p.numel() for p in model.parameters())
+    mxfp4_values = sum(2 * b.numel() for name, b in model.named_buffers() if name.endswith("_blocks"))
+    report["total"] = sum(p.numel() for p in model.parameters()) + mxfp4_values  # MXFP4: 2 values a byte
     return report
 
 

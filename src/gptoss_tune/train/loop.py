@@ -83,6 +83,7 @@ RESUME_KEYS = (
     "seed",
     "eval_fraction",
     "sharding",
+    "expert_storage",
 )
 
 
@@ -222,18 +223,28 @@ def build_model(
     config: TrainConfig, options: LoraOptions, dtype: torch.dtype, device: torch.device, info: dist.DistInfo
 ) -> tuple[GptOss, nn.Module, dict[str, nn.Parameter]]:
     if config.sharding == "fsdp" and info.enabled:
+        if config.expert_storage == "mxfp4":
+            raise GptossTuneError(
+                "--expert-storage mxfp4 does not work with --sharding fsdp yet: use ddp, or bf16."
+            )
         module, model, params = build_fsdp(config.model, options, dtype, device, info)
     else:
-        model = load_checkpoint(config.model, dtype=dtype, device=device)
+        model = load_checkpoint(
+            config.model, dtype=dtype, device=device, expert_storage=config.expert_storage
+        )
         params = apply_lora(model, options)
-        for (
-            param
-        ) in params.values():  # adapters and their optimizer state in fp32 (autocast computes in bf16)
+        # adapters and their optimizer state in fp32 (autocast computes in bf16)
+        for param in params.values():
             param.data = param.data.float()
         module = wrap_ddp(model, device, info)
     reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     return model, module, params
+
+
+def expert_storage_label(model: GptOss, dtype: torch.dtype) -> str:
+    mxfp4 = any(layer.mlp.experts.is_mxfp4("gate_up_proj") for layer in model.model.layers)
+    return "mxfp4" if mxfp4 else "dense " + str(dtype).removeprefix("torch.")
 
 
 def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) -> Run:
@@ -247,6 +258,7 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
     if info.is_main:
         report = trainable_parameter_report(model)
         log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
+        log(f"expert storage: {expert_storage_label(model, dtype)}")
     optimizer = torch.optim.AdamW(
         list(params.values()),
         lr=config.lr,

@@ -37,7 +37,8 @@ def wrap_ddp(model: GptOss, device: torch.device, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    # No buffer broadcast: MXFP4 expert buffers are frozen and identical on every rank.
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def build_fsdp(
