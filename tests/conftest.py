@@ -51,3 +51,25 @@ def short_chats(tmp_path_factory):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prepare(str(source), folder / "prepared", PrepareOptions())
     return folder / "prepared"
+
+
+@pytest.fixture(scope="session")
+def make_random_adapter():
+    """make(base, out, options, b_std=0.05): a trained-looking LoRA adapter (PEFT's A initialization and
+    a random, non-zero B) for `base`, saved in PEFT's format to `out`."""
+    import torch
+
+    from gptoss_tune.model.checkpoint import load_checkpoint
+    from gptoss_tune.model.lora import apply_lora, save_adapter
+
+    def make(base, out, options, b_std: float = 0.05):
+        model = load_checkpoint(base, dtype=torch.float32)
+        params = apply_lora(model, options, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in params.items():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * b_std)
+        return save_adapter(model, options, out)
+
+    return make

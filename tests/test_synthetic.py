@@ -179,9 +179,9 @@ def test_unknown_like_names_the_accepted_values():
 
 
 def test_hub_id_is_accepted_as_like():
-    assert make_synthetic_rows(like="HuggingFaceH4/Multilingual-Thinking", rows=2, seed=3) == make_synthetic_rows(
-        rows=2, seed=3
-    )
+    assert make_synthetic_rows(
+        like="HuggingFaceH4/Multilingual-Thinking", rows=2, seed=3
+    ) == make_synthetic_rows(rows=2, seed=3)
 
 
 def test_write_jsonl_round_trips_atomically(tmp_path):

@@ -291,6 +291,20 @@ def train(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute layer activations in backward.")
     ] = False,
+    memory_budget_gib: Annotated[
+        float | None,
+        typer.Option(
+            help="GPU memory budget (GiB): measure a layer and checkpoint only as many layers as the budget "
+            "needs (overrides --gradient-checkpointing)."
+        ),
+    ] = None,
+    kernels: Annotated[
+        str,
+        typer.Option(
+            help="auto: GPU fast paths (flex attention, grouped-GEMM experts, fused loss) on CUDA, eager on CPU; "
+            "fast; eager."
+        ),
+    ] = "auto",
     gpus: Annotated[
         int, typer.Option(help="Data-parallel processes on this machine (torchrun underneath).")
     ] = 1,
@@ -301,6 +315,13 @@ def train(
             "that do not fit one GPU)."
         ),
     ] = "ddp",
+    expert_storage: Annotated[
+        str,
+        typer.Option(
+            help="Expert weights in memory: mxfp4 (kept quantized, dequantized per layer), bf16 (dense in the "
+            "training dtype), or auto (mxfp4 for an MXFP4 checkpoint on a GPU)."
+        ),
+    ] = "auto",
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 0,
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep.")] = 2,
     resume: Annotated[
@@ -321,6 +342,454 @@ def train(
     from gptoss_tune.train.run import run_training
 
     run_training(resolved, console)
+
+
+# --- bench ---------------------------------------------------------------------------------------
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed (options that were given), for the record."""
+    words = ["gptoss-tune", ctx.info_name or "bench"]
+    for name, value in _given_on_command_line(ctx, list(ctx.params)).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    preset: Annotated[
+        str, typer.Option(help="Architecture: 20b, 120b, or tiny (also runs on a CPU).")
+    ] = "20b",
+    tokens_per_batch: Annotated[
+        int, typer.Option(help="Tokens per micro-batch (packed for ours, padded for the others).")
+    ] = 16384,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per recipe.")] = 6,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first (torch.compile warm-up).")] = 2,
+    layers: Annotated[
+        int | None, typer.Option(help="Cut the model to this many layers for a quick run [default: all]")
+    ] = None,
+    recipes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of ours, ours-eager, stock, cookbook "
+            "[default: ours,stock,cookbook; ours with --long-context]"
+        ),
+    ] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank for every recipe.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha for every recipe.")] = 16.0,
+    lora_targets: Annotated[str, typer.Option(help="LoRA targets for every recipe.")] = "attn,experts",
+    long_context: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of the throughput table, one sequence of each length: '8192,16384,131072'."
+        ),
+    ] = None,
+    memory_budget_gib: Annotated[
+        float,
+        typer.Option(help="Ours checkpoints only the layers this budget needs (<= 0: no checkpointing)."),
+    ] = 60.0,
+    loss_chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk of ours' fused loss.")] = 2048,
+    compile: Annotated[bool, typer.Option(help="torch.compile ours' kernels.")] = True,
+    stock_checkpointing: Annotated[
+        bool, typer.Option(help="Gradient checkpointing in the stock recipe (the cookbook always uses it).")
+    ] = True,
+    components: Annotated[
+        bool, typer.Option(help="Also time experts, attention and loss variants on one layer (CUDA).")
+    ] = False,
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="bf16 peak for MFU [default: the GPU's datasheet value]")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (GPU if present), cuda, cpu.")] = "auto",
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Data-parallel scaling instead of the recipe table: e.g. '1,2,4' trains ours with "
+            "`gptoss-tune train --gpus N` for each N and compares tokens/s",
+            show_default="off",
+        ),
+    ] = None,
+    equivalence: Annotated[
+        bool,
+        typer.Option(
+            help="With --gpus: also train 1 GPU with the largest N's global batch and compare losses."
+        ),
+    ] = False,
+    expert_storage: Annotated[
+        str,
+        typer.Option(
+            help="bf16: dense random experts shared by every recipe. mxfp4: random MXFP4 experts kept "
+            "quantized (fits 20b in ~13 GiB, 120b in ~61 GiB); runs ours / ours-eager only "
+            "[default recipes: ours]."
+        ),
+    ] = "bf16",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for bench.json and bench.md.")
+    ] = Path("runs/bench"),
+    record: Annotated[bool, typer.Option(help="Append the table to --record-file.")] = False,
+    record_file: Annotated[Path, typer.Option(help="Where --record appends.")] = Path("docs/benchmarks.md"),
+) -> None:
+    """Throughput of LoRA training: ours vs the cookbook and the best stock transformers recipe, on random
+    weights and Multilingual-Thinking-shaped synthetic data."""
+    from gptoss_tune.bench.report import components_table, markdown, write_results
+    from gptoss_tune.bench.report import record as record_report
+    from gptoss_tune.bench.run import Bench, BenchOptions, with_defaults_for_long_context
+
+    def integers(text: str, option: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise GptossTuneError(f"{option} takes comma-separated integers, got '{text}'.") from None
+
+    options = BenchOptions(
+        preset=preset,
+        layers=layers,
+        tokens_per_batch=tokens_per_batch,
+        steps=steps,
+        warmup=warmup,
+        recipes=tuple(r.strip() for r in (recipes or "ours,stock,cookbook").split(",") if r.strip()),
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        compile=compile,
+        memory_budget_gib=memory_budget_gib if memory_budget_gib > 0 else None,
+        loss_chunk_tokens=loss_chunk_tokens,
+        stock_checkpointing=stock_checkpointing,
+        peak_tflops=peak_tflops,
+        long_context=integers(long_context, "--long-context") if long_context else (),
+        seed=seed,
+        device=device,
+        expert_storage=expert_storage,
+    )
+    options = with_defaults_for_long_context(options, recipes_given=recipes is not None)
+    if gpus:
+        _bench_scaling(options, integers(gpus, "--gpus"), output, equivalence, record, record_file, ctx)
+        return
+    runner = Bench(
+        options,
+        log=lambda line: err_console.print(line, markup=False, highlight=False),
+        on_update=lambda partial: write_results(partial, output),  # a cut-short run keeps what it measured
+    )
+    report = runner.run()
+    console.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    if record:
+        console.print(f"[bold]recorded[/bold] in {record_report(report, _command_line(ctx), record_file)}")
+    if components:
+        report.components = runner.time_components()
+        write_results(report, output)
+        console.print(components_table(report.components), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"[bold]wrote[/bold] {output}")
+
+
+# --- merge / chat / eval / demo ------------------------------------------------------------------
+
+
+def _bench_scaling(
+    options, gpu_counts, output: Path, equivalence: bool, record: bool, record_file: Path, ctx
+):
+    from gptoss_tune.bench.scaling import environment_line, equivalence_table, run_scaling, scaling_table
+
+    rows = run_scaling(
+        options,
+        gpu_counts,
+        output,
+        equivalence,
+        log=lambda line: err_console.print(line, markup=False, highlight=False),
+    )
+    text = scaling_table(rows)
+    if table := equivalence_table(rows):
+        text += "\n\nSame global batch, loss per step:\n\n" + table
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    (output / "scaling.md").write_text(text + "\n")
+    if record:
+        with open(record_file, "a", encoding="utf-8") as f:
+            f.write(
+                f"\n### Data-parallel scaling ({environment_line()})\n\nCommand: `{_command_line(ctx)}`\n\n"
+                f"{options.preset} shape, {options.layers or 'all'} layers, {options.tokens_per_batch} tokens per "
+                f"micro-batch per GPU, LoRA r=8 attention+experts, median tok/s after 3 warm-up steps.\n\n"
+                f"{text}\n"
+            )
+        console.print(f"[bold]recorded[/bold] in {record_file}")
+
+
+@app.command()
+def merge(
+    model: Annotated[
+        str, typer.Option(help="Base model: local checkpoint folder or hub id (openai/gpt-oss-20b).")
+    ],
+    adapter: Annotated[Path, typer.Option(help="PEFT LoRA adapter folder, e.g. a training run's adapter/.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="bf16; mxfp4 (experts re-quantized to MXFP4 like the published checkpoints, the rest "
+            "bf16: the base's size); fp32."
+        ),
+    ] = "bf16",
+    max_shard_gb: Annotated[float, typer.Option(help="Largest safetensors shard, in GB.")] = 5.0,
+    device: Annotated[
+        str, typer.Option(help="Where the expert arithmetic runs: auto (GPU if present), cpu, cuda.")
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Fold a LoRA adapter into its base model: a complete Hugging Face checkpoint folder, streamed."""
+    from gptoss_tune.infer.merge import count_base_tensors
+    from gptoss_tune.infer.merge import merge as run_merge
+    from gptoss_tune.model.checkpoint import resolve_model_path
+
+    base = resolve_model_path(model)
+    with progress_bar("merging", total=count_base_tensors(base)) as advance:
+        result = run_merge(
+            base,
+            adapter,
+            output,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_bytes=int(max_shard_gb * 1000**3),
+            on_tensor=advance,
+            device=device,
+        )
+    console.print(
+        f"[bold]wrote[/bold] {result.output}: {result.tensors} tensors ({result.merged_tensors} adapted), "
+        f"{result.bytes_written / 1e9:.2f} GB of weights in {result.dtype}, {result.seconds} s"
+    )
+    if result.expert_delta_kept is not None:
+        console.print(f"expert update kept by MXFP4 rounding: {result.expert_delta_kept:.1%}")
+    for warning in result.warnings:
+        err_console.print(Text.assemble(("warning: ", "bold yellow"), warning))
+
+
+MODEL_HELP = "Checkpoint folder or hub id: a merged model, or the base with --adapter."
+ADAPTER_HELP = "PEFT LoRA adapter folder to apply on top of MODEL (no merge needed)."
+RENDER_DEFAULT = "the fine-tuning data's, else {}"
+
+
+def _render_options(model: str, adapter: Path | None, template, date, reasoning_effort):
+    """Render options: given ones, else those of the fine-tuning data (found beside the adapter or in
+    a merged model), else the defaults."""
+    from gptoss_tune.harmony.render import RenderOptions
+    from gptoss_tune.infer.provenance import training_render_settings
+
+    trained = training_render_settings(adapter) or training_render_settings(model) or {}
+    defaults = RenderOptions()
+    return RenderOptions(
+        template=template or trained.get("template", defaults.template),
+        date=date or trained.get("date", defaults.date),
+        reasoning_effort=reasoning_effort or trained.get("reasoning_effort", defaults.reasoning_effort),
+    )
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    adapter: Annotated[Path | None, typer.Option(help=ADAPTER_HELP)] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Answer this one prompt and exit", show_default="an interactive session"),
+    ] = None,
+    developer: Annotated[
+        str | None, typer.Option(help="Developer instructions (the system prompt)", show_default="none")
+    ] = None,
+    reasoning_language: Annotated[
+        str | None,
+        typer.Option(help="Ask for thinking in this language ('reasoning language: X')", show_default="none"),
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None, typer.Option(help="low, medium or high", show_default=RENDER_DEFAULT.format("medium"))
+    ] = None,
+    hide_analysis: Annotated[bool, typer.Option(help="Do not show the analysis (thinking) channel.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per answer.")] = 1024,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy decoding.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep this share of probability.")] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed of the sampling", show_default="random")
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(help="Prompt rendering: hf or harmony", show_default=RENDER_DEFAULT.format("hf")),
+    ] = None,
+    date: Annotated[
+        str | None,
+        typer.Option(help="'Current date' (YYYY-MM-DD)", show_default=RENDER_DEFAULT.format("2025-08-05")),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = "auto",
+) -> None:
+    """Chat with a model: streamed answers, thinking dimmed, final answer plain. /reset, /quit."""
+    from gptoss_tune.infer.chat import ChatSession, answer_once, interactive
+    from gptoss_tune.infer.generate import HfGenerator, SamplingOptions
+    from gptoss_tune.infer.prompt import ChatHistory
+
+    options = _render_options(model, adapter, template, date, reasoning_effort)
+    sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed)
+    with progress_bar("loading the model"):
+        generator = HfGenerator(model, adapter, device=device, dtype=dtype)
+    history = ChatHistory(developer=developer, reasoning_language=reasoning_language)
+    session = ChatSession(generator, options, sampling, history)
+    if prompt is not None:
+        answer_once(session, prompt, console, hide_analysis)
+    else:
+        interactive(session, console, hide_analysis)
+
+
+def _write_json_report(path: Path, report: dict) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    adapter: Annotated[Path | None, typer.Option(help=ADAPTER_HELP + "; scores base and adapter")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Loss mode: a prepared folder or anything `prepare` accepts.")
+    ] = None,
+    reasoning_language: Annotated[
+        bool, typer.Option("--reasoning-language", help="Reasoning-language adherence mode (see --prompts).")
+    ] = False,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="Adherence mode: .jsonl/.json of {prompt, reasoning_language?, developer?}, .txt (a "
+            "prompt a line) or 'sample'."
+        ),
+    ] = "sample",
+    languages: Annotated[
+        str | None,
+        typer.Option(
+            help="Adherence mode: ask every prompt in each of these (comma list).",
+            show_default="each prompt's own reasoning_language",
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the JSON report to this file, or '-' for stdout.",
+            show_default="none",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Adherence mode: most tokens of analysis.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Adherence mode: 0 is greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Adherence mode: nucleus sampling share.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Adherence mode: sampling seed.")] = 0,
+    template: Annotated[
+        str | None, typer.Option(help="hf or harmony", show_default=RENDER_DEFAULT.format("hf"))
+    ] = None,
+    loss_on: Annotated[
+        str, typer.Option(help="Loss mode, DATA not prepared: turns, last, assistant, final, all.")
+    ] = "turns",
+    date: Annotated[
+        str | None,
+        typer.Option(help="'Current date' (YYYY-MM-DD)", show_default=RENDER_DEFAULT.format("2025-08-05")),
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None, typer.Option(help="low, medium, high", show_default=RENDER_DEFAULT.format("medium"))
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = "auto",
+) -> None:
+    """Evaluate: loss on trained tokens (--data) or reasoning-language adherence (--reasoning-language).
+
+    With --adapter, the base model and base + adapter are scored side by side."""
+    if reasoning_language == (data is not None):
+        raise GptossTuneError("Choose one mode: --data FILE (loss) or --reasoning-language (adherence).")
+    options = _render_options(model, adapter, template, date, reasoning_effort)
+    if data is not None:
+        from gptoss_tune.data.prepare import PrepareOptions
+        from gptoss_tune.eval.loss import evaluate_loss
+        from gptoss_tune.eval.tables import loss_table
+
+        prepare_options = PrepareOptions(
+            template=options.template,
+            date=options.date,
+            reasoning_effort=options.reasoning_effort,
+            loss_on=loss_on,
+        )
+        with progress_bar("evaluating") as advance:
+            loss_report = evaluate_loss(model, data, adapter, prepare_options, device, dtype, advance)
+        report = loss_report.to_dict()
+        table = loss_table(loss_report)
+    else:
+        from gptoss_tune.eval.language import load_prompts, run_language_eval
+        from gptoss_tune.eval.language import report as language_report
+        from gptoss_tune.eval.tables import language_table
+        from gptoss_tune.infer.generate import HfGenerator, SamplingOptions
+
+        asked = [x.strip() for x in languages.split(",") if x.strip()] if languages else None
+        items = load_prompts(prompts, asked)
+        sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed)
+        with progress_bar("loading the model"):
+            generator = HfGenerator(model, adapter, device=device, dtype=dtype)
+        passes = 2 if generator.has_adapter else 1
+        with progress_bar("generating", total=passes * len(items)) as advance:
+            results = run_language_eval(generator, items, options, sampling, advance)
+        settings = {
+            "model": model,
+            "adapter": str(adapter) if adapter else None,
+            "prompts": prompts,
+            "render": {
+                "template": options.template,
+                "date": options.date,
+                "reasoning_effort": options.reasoning_effort,
+            },
+            "sampling": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed,
+            },
+            "identifier": "py3langid",
+        }
+        report = language_report(results, settings)
+        table = language_table(report)
+    if output == "-":  # JSON alone on stdout, the table on stderr
+        err_console.print(table)
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        return
+    console.print(table)
+    if output is not None:
+        _write_json_report(Path(output), report)
+        console.print(f"[bold]wrote[/bold] {output}")
+
+
+@app.command()
+def demo(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for everything the demo writes.")
+    ] = Path("runs/demo"),
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous demo in OUTPUT.")] = False,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 80,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-2,
+    conversations: Annotated[
+        int, typer.Option(help="How many sample conversations to train on (1 to 3; the first is asked).")
+    ] = 3,
+    base: Annotated[
+        Path | None, typer.Option(help="Start from this tiny checkpoint", show_default="initialize a new one")
+    ] = None,
+) -> None:
+    """The whole pipeline offline on a CPU: tiny model, LoRA training, merge, chat (must reproduce).
+
+    A random tiny gpt-oss is trained on conversations of the bundled sample, merged and asked a training
+    prompt in greedy decoding; the demo exits with code 2 unless the answer is the trained one."""
+    from gptoss_tune.infer.demo import DemoSettings, run_demo
+
+    run_demo(
+        DemoSettings(
+            output=output, conversations=conversations, steps=steps, lr=lr, base=base, overwrite=overwrite
+        ),
+        console,
+    )
 
 
 def main() -> None:

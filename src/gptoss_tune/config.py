@@ -61,6 +61,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    memory_budget_gib: float | None = None  # GPU: checkpoint only as many layers as this budget needs
+    kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
     gpus: int = 1
     sharding: str = "ddp"
     expert_storage: str = "auto"  # auto, mxfp4, bf16: see gptoss_tune.model.mxfp4
@@ -80,6 +82,8 @@ class TrainConfig:
             raise GptossTuneError(
                 f"Unknown --expert-storage '{self.expert_storage}': use {', '.join(EXPERT_STORAGES)}."
             )
+        if self.kernels not in ("auto", "fast", "eager"):
+            raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
         if self.sharding not in ("ddp", "fsdp"):
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         if self.schedule not in SCHEDULES:

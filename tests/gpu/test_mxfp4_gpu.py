@@ -19,16 +19,13 @@ from torch import Tensor
 from transformers import GptOssConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from gptoss_tune.bench.weights import empty_mxfp4_, randomize_
+from gptoss_tune.bench.weights import random_model as build_random_model
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import Experts, GptOss, eager_experts
 from gptoss_tune.model.init import init_model
 from gptoss_tune.model.lora import LoraOptions, apply_lora
-from gptoss_tune.model.mxfp4 import (
-    DEFAULT_CHUNK_BYTES,
-    Mxfp4Weight,
-    compiled_dequantize_experts,
-    dequantize_experts,
-)
+from gptoss_tune.model.mxfp4 import DEFAULT_CHUNK_BYTES, compiled_dequantize_experts, dequantize_experts
 from gptoss_tune.model.presets import preset_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,7 +33,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 GIB = 1024**3
 MIB = 1024**2
-SCALE = 120  # every block scaled by 2^-7: |w| ~ 0.016, like gpt-oss's initialization (std 0.02)
 
 
 def bits(tensor: Tensor) -> Tensor:
@@ -117,48 +113,10 @@ def test_20b_layer_dequantization_matches_cpu_and_reports_speed() -> None:
 # --- building models ----------------------------------------------------------------------------------
 
 
-def empty_mxfp4_(experts: Experts) -> None:
-    """Switch both projections to MXFP4 storage with uninitialized buffers on the experts' device
-    (on meta, `to_empty` then allocates them: the dense weights are never allocated)."""
-    device = experts.gate_up_proj_bias.device
-    for name in Experts.PROJECTIONS:
-        count, in_features, out_features = experts.weight_shape(name)
-        shape = (count, out_features, in_features // 32, 16)
-        blocks = torch.empty(shape, dtype=torch.uint8, device=device)
-        experts.store_mxfp4(
-            name, Mxfp4Weight(blocks, torch.empty(shape[:-1], dtype=torch.uint8, device=device))
-        )
-
-
-def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Parameters normal(0, 0.02) (norms 1), MXFP4 codes uniform with every block scaled by 2^-7."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for name, buffer in module.named_buffers():
-            if name.endswith("_blocks"):
-                buffer.random_(0, 256, generator=generator)
-            else:
-                buffer.fill_(SCALE)
-
-
 def random_model(config: GptOssConfig, storage: str, seed: int = 0) -> GptOss:
     """Random bf16 model on the GPU with MXFP4 experts, kept quantized ("mxfp4") or dequantized
     ("bf16"): both storages hold the same values. For "mxfp4" no dense expert is ever allocated."""
-    with torch.device("meta"):
-        model = GptOss(config).to(torch.bfloat16)
-    for layer in model.model.layers:
-        empty_mxfp4_(layer.mlp.experts)
-    model.to_empty(device=CUDA)
-    randomize_(model, torch.Generator(CUDA).manual_seed(seed))
-    if storage == "bf16":
-        for layer in model.model.layers:
-            for name in Experts.PROJECTIONS:
-                layer.mlp.experts.store_dense(name, layer.mlp.experts.dense(name))
-    return model
+    return build_random_model(config, CUDA, torch.bfloat16, storage=storage, seed=seed)
 
 
 def with_lora(model: GptOss, rank: int = 8) -> list[torch.nn.Parameter]:

@@ -1,1 +1,69 @@
+"""GPU fast paths for our gpt-oss model, each checked against the eager reference in the model file.
 
+- `attention.FlexAttention`: FlexAttention with sinks, sliding windows and packed documents.
+- `moe.GroupedExperts`: grouped-GEMM experts with the LoRA on the low-rank side, fused epilogues.
+- `loss.FusedLinearCrossEntropy`: chunked linear cross-entropy that computes the hidden gradient
+  in forward (two lm_head GEMMs per trained token instead of three).
+- `memory.plan_activation_checkpointing`: checkpoint only the layers the memory budget needs.
+
+`enable_fast_paths(model)` installs the first three; call it after the adapters are attached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptoss_tune.kernels.attention import FlexAttention
+from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
+from gptoss_tune.kernels.memory import plan_activation_checkpointing
+from gptoss_tune.kernels.moe import GroupedExperts
+from gptoss_tune.model.gpt_oss import GptOss
+
+__all__ = [
+    "FastPaths",
+    "FlexAttention",
+    "FusedLinearCrossEntropy",
+    "GroupedExperts",
+    "enable_fast_paths",
+    "plan_activation_checkpointing",
+]
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """What `enable_fast_paths` installed (None: that part kept its eager reference)."""
+
+    attention: FlexAttention | None
+    experts: GroupedExperts | None
+    loss: FusedLinearCrossEntropy | None
+
+    def describe(self) -> str:
+        parts = []
+        if self.attention is not None:
+            parts.append("flex attention" + (" (compiled)" if self.attention.compiled else ""))
+        if self.experts is not None:
+            parts.append("grouped experts" + (" (compiled epilogues)" if self.experts.compiled else ""))
+        if self.loss is not None:
+            parts.append(f"fused linear cross-entropy ({self.loss.chunk_tokens}-token chunks)")
+        return ", ".join(parts) or "eager"
+
+
+def enable_fast_paths(
+    model: GptOss,
+    *,
+    attention: bool = True,
+    experts: bool = True,
+    loss: bool = True,
+    compile: bool = True,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> FastPaths:
+    """Swap the model's attention, experts and loss for the fast paths (shapes they cannot take
+    still go through the eager reference). `compile` applies torch.compile where it pays: the
+    FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk."""
+    installed = FastPaths(
+        attention=FlexAttention(compile=compile) if attention else None,
+        experts=GroupedExperts(compile=compile) if experts else None,
+        loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
+    )
+    model.set_kernels(attention=installed.attention, experts=installed.experts, loss=installed.loss)
+    return installed

@@ -132,10 +132,17 @@ def parse_layers(spec: str) -> tuple[int, ...]:
 
 
 def _kaiming_uniform_(tensor: Tensor, fan_in: int, generator: torch.Generator | None) -> None:
-    # What PEFT's kaiming_uniform_(a=sqrt(5)) draws: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    # What PEFT's kaiming_uniform_(a=sqrt(5)) draws: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). With a
+    # generator the values are drawn where it lives and copied, so a CPU generator seeds GPU adapters.
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
-        tensor.uniform_(-bound, bound, generator=generator)
+        if generator is None or generator.device == tensor.device:
+            tensor.uniform_(-bound, bound, generator=generator)
+        else:
+            drawn = torch.empty(tensor.shape, device=generator.device).uniform_(
+                -bound, bound, generator=generator
+            )
+            tensor.copy_(drawn)
 
 
 class LoraLinear(nn.Linear):
@@ -397,7 +404,9 @@ def save_adapter(
         raise GptossTuneError("The model has no LoRA adapter to save.")
     state = lora_state_dict_peft(model) if state is None else state
     with atomic_directory(out_dir, overwrite=overwrite) as directory:
-        save_file({k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_file(
+            {k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"}
+        )
         write_json(directory / ADAPTER_CONFIG, adapter_config(options, sites, base_model_name_or_path))
     return Path(out_dir)
 

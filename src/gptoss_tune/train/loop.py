@@ -24,6 +24,7 @@ from gptoss_tune.config import TrainConfig
 from gptoss_tune.data.pack import collate
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens as T
+from gptoss_tune.kernels import enable_fast_paths, plan_activation_checkpointing
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import (
@@ -228,18 +229,30 @@ def build_model(
                 "--expert-storage mxfp4 does not work with --sharding fsdp yet: use ddp, or bf16."
             )
         module, model, params = build_fsdp(config.model, options, dtype, device, info)
-    else:
-        model = load_checkpoint(
-            config.model, dtype=dtype, device=device, expert_storage=config.expert_storage
-        )
-        params = apply_lora(model, options)
-        # adapters and their optimizer state in fp32 (autocast computes in bf16)
-        for param in params.values():
-            param.data = param.data.float()
-        module = wrap_ddp(model, device, info)
+        reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
+        use_kernels(model, config, device)
+        model.set_gradient_checkpointing(config.gradient_checkpointing)
+        return model, module, params
+    model = load_checkpoint(config.model, dtype=dtype, device=device, expert_storage=config.expert_storage)
+    params = apply_lora(model, options)
+    # adapters and their optimizer state in fp32 (autocast computes in bf16)
+    for param in params.values():
+        param.data = param.data.float()
     reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
+    use_kernels(model, config, device)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
-    return model, module, params
+    if config.memory_budget_gib and device.type == "cuda":
+        # Measures a real layer's forward and backward: before DDP's gradient hooks exist.
+        plan_activation_checkpointing(model, config.tokens_per_batch, int(config.memory_budget_gib * 2**30))
+        for param in params.values():
+            param.grad = None
+    return model, wrap_ddp(model, device, info), params
+
+
+def use_kernels(model: GptOss, config: TrainConfig, device: torch.device) -> None:
+    """The GPU fast paths (flex attention, grouped experts, fused loss) unless --kernels eager."""
+    if config.kernels == "fast" or (config.kernels == "auto" and device.type == "cuda"):
+        enable_fast_paths(model, compile=device.type == "cuda")
 
 
 def expert_storage_label(model: GptOss, dtype: torch.dtype) -> str:

@@ -1,0 +1,154 @@
+"""The benchmark's table: markdown for people and docs/benchmarks.md, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from gptoss_tune.bench.run import LOSS_GAP_TOLERANCE, BenchReport, RecipeResult
+
+RESULTS_JSON = "bench.json"
+RESULTS_MARKDOWN = "bench.md"
+
+
+def _number(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _ratio(result: RecipeResult, baseline: RecipeResult | None) -> str:
+    if baseline is None or not (result.tokens_per_s and baseline.tokens_per_s):
+        return "–"
+    return f"{result.tokens_per_s / baseline.tokens_per_s:.2f}x"
+
+
+def _loss_gap(result: RecipeResult) -> str:
+    if result.loss_gap is None:
+        return "–"
+    flag = "" if result.loss_gap <= LOSS_GAP_TOLERANCE else " (disagrees)"
+    return f"{result.loss_gap:.4f}{flag}"
+
+
+def _baseline(results: list[RecipeResult], name: str) -> RecipeResult | None:
+    return next((r for r in results if r.recipe == name and r.ok and r.length is None), None)
+
+
+def throughput_table(results: list[RecipeResult]) -> str:
+    cookbook, stock = _baseline(results, "cookbook"), _baseline(results, "stock")
+    header = (
+        "| recipe | status | real tok/s | MFU | peak GiB | first-step loss | shared-batch loss "
+        "| per-token loss gap | vs cookbook | vs stock | checkpointed layers | padding |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in results:
+        lines.append(
+            f"| {r.recipe} | {r.status} | {_number(r.tokens_per_s)} | {_number(r.mfu and 100 * r.mfu, 1, '%')} "
+            f"| {_number(r.peak_gib, 1)} | {_number(r.first_loss, 4)} | {_number(r.shared_loss, 4)} "
+            f"| {_loss_gap(r)} | {_ratio(r, cookbook)} | {_ratio(r, stock)} "
+            f"| {r.notes.get('checkpointed_layers', '–')} | {_number(r.padding_fraction and 100 * r.padding_fraction, 1, '%')} |"
+        )
+    return "\n".join(lines)
+
+
+def long_context_table(results: list[RecipeResult]) -> str:
+    lines = [
+        "| recipe | length | status | real tok/s | MFU | peak GiB | checkpointed layers |",
+        "|" + "---|" * 7,
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.recipe} | {r.length:,} | {r.status} | {_number(r.tokens_per_s)} "
+            f"| {_number(r.mfu and 100 * r.mfu, 1, '%')} | {_number(r.peak_gib, 1)} "
+            f"| {r.notes.get('checkpointed_layers', '–')} |"
+        )
+    return "\n".join(lines)
+
+
+def components_table(components: list[dict]) -> str:
+    lines = ["| component (fwd + bwd) | tokens | ms | peak MiB |", "|---|---|---|---|"]
+    for c in components:
+        ms = c.get("status") or _number(c["ms"], 2)
+        lines.append(f"| {c['component']} | {c['tokens']:,} | {ms} | {_number(c['peak_mib'])} |")
+    return "\n".join(lines)
+
+
+def _experts(meta: dict) -> str:
+    if meta.get("expert_storage", "bf16") == "mxfp4":
+        return "experts stored MXFP4 (expert storage mxfp4)"
+    return f"experts dense {meta['dtype']} (expert storage bf16)"
+
+
+def describe_meta(meta: dict) -> str:
+    lines = [
+        f"{meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), transformers {meta['transformers']}, "
+        f"peft {meta['peft']}; {meta['date']}.",
+        f"Model: gpt-oss-{meta['preset']} shape, {meta['layers']} layers, random {meta['dtype']} weights, "
+        f"{_experts(meta)} ({meta['weights_gib']} GiB); LoRA {meta['lora']}.",
+        (
+            "one sequence of each length"
+            if meta.get("long_context")
+            else f"{meta['tokens_per_batch']:,} tokens per micro-batch"
+        )
+        + f", {meta['warmup']} warm-up + {meta['steps']} timed steps; "
+        + (
+            f"ours checkpoints layers as a {meta['memory_budget_gib']} GiB budget needs; "
+            if meta["memory_budget_gib"]
+            else "ours checkpoints no layer; "
+        )
+        + (
+            f"MFU against {meta['peak_tflops']} TFLOP/s (bf16 dense), FLOPs as in bench/flops.py."
+            if meta["peak_tflops"]
+            else "no MFU (unknown peak; pass --peak-tflops)."
+        ),
+    ]
+    if meta.get("loss_reference"):
+        lines.append(f"Per-token loss gap: mean |loss - {meta['loss_reference']}'s| on the shared batch.")
+    return "\n".join(lines)
+
+
+def markdown(report: BenchReport) -> str:
+    long_context = any(r.length is not None for r in report.results)
+    table = long_context_table(report.results) if long_context else throughput_table(report.results)
+    parts = [describe_meta(report.meta), "", table]
+    if report.components:
+        parts += ["", components_table(report.components)]
+    return "\n".join(parts) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(report: BenchReport, directory: Path) -> tuple[Path, Path]:
+    """bench.json and bench.md in `directory`."""
+    payload = {
+        "meta": report.meta,
+        "results": [asdict(r) for r in report.results],
+        "components": report.components,
+    }
+    json_path, markdown_path = directory / RESULTS_JSON, directory / RESULTS_MARKDOWN
+    _write_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    _write_atomically(markdown_path, markdown(report))
+    return json_path, markdown_path
+
+
+def record(report: BenchReport, command: str, path: Path) -> Path:
+    """Append the run (date, GPU, versions, command, table) to the benchmarks document."""
+    meta = report.meta
+    heading = (
+        f"### {meta['date']} — {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}"
+    )
+    heading = f"{heading}, peft {meta['peft']}"
+    if meta.get("expert_storage", "bf16") != "bf16":
+        heading = f"{heading} — {meta['expert_storage']} experts"
+    section = f"\n{heading}\n\n```\n{command}\n```\n\n{markdown(report)}"
+    existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    _write_atomically(path, existing.rstrip("\n") + "\n" + section)
+    return path

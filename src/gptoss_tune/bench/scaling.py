@@ -1,0 +1,191 @@
+"""`gptoss-tune bench --gpus 1,2,4`: data-parallel scaling of the real trainer.
+
+Writes one random checkpoint of the bench architecture and one Multilingual-Thinking-shaped
+dataset, then runs `gptoss-tune train --gpus N` (torchrun + DDP, the product's own path) for each N
+in the same session, and compares real tokens/s. Each GPU gets micro-batches of the same size, so
+N GPUs do N times the work per step (weak scaling): ideal speed-up is N.
+
+With `equivalence`, it also trains 1 GPU with N micro-batches per step (gradient accumulation)
+against N GPUs with one each: the same global batch, so the loss curves must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gptoss_tune.data.synthetic import make_synthetic_rows, write_jsonl
+from gptoss_tune.model.checkpoint import save_checkpoint
+from gptoss_tune.model.init import random_weights
+from gptoss_tune.model.presets import preset_init_scales
+
+UNTIMED_STEPS = 3  # compile warm-up and the first DDP bucket rebuild
+
+
+@dataclass
+class ScalingRow:
+    gpus: int
+    grad_accum: int
+    status: str
+    tokens_per_s: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    speedup: float | None = None
+    losses: list[float] | None = None
+    peak_note: str = ""
+
+
+def write_bench_checkpoint(config, directory: Path, seed: int) -> Path:
+    if (directory / "config.json").is_file():
+        return directory
+    tensors = random_weights(config, preset_init_scales("20b"), seed, torch.bfloat16)
+    return save_checkpoint(tensors, config, directory, dtype=torch.bfloat16)
+
+
+def step_speeds(metrics: Path) -> tuple[list[float], list[float]]:
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    train = [r for r in records if r.get("kind") == "train"]
+    return [r["tokens_per_s"] for r in train[UNTIMED_STEPS:]], [r["loss"] for r in train]
+
+
+def train_command(
+    model: Path,
+    data: Path,
+    output: Path,
+    gpus: int,
+    grad_accum: int,
+    tokens_per_batch: int,
+    steps: int,
+    memory_budget_gib: float | None,
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "gptoss_tune",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--gpus",
+        str(gpus),
+        "--grad-accum",
+        str(grad_accum),
+        "--tokens-per-batch",
+        str(tokens_per_batch),
+        "--max-steps",
+        str(steps),
+        "--warmup-ratio",
+        "0",
+        "--lora-rank",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lr",
+        "1e-4",
+        "--log-every",
+        "1",
+    ]
+    if memory_budget_gib:
+        command += ["--memory-budget-gib", str(memory_budget_gib)]
+    else:
+        command += ["--gradient-checkpointing"]
+    return command
+
+
+def run_one(workdir: Path, model: Path, data: Path, gpus: int, grad_accum: int, options, log) -> ScalingRow:
+    output = workdir / f"run-{gpus}gpu-accum{grad_accum}"
+    command = train_command(
+        model,
+        data,
+        output,
+        gpus,
+        grad_accum,
+        options.tokens_per_batch,
+        UNTIMED_STEPS + options.steps,
+        options.memory_budget_gib,
+    )
+    log(" ".join(command))
+    finished = subprocess.run(command, capture_output=True, text=True)
+    (workdir / f"{output.name}.log").write_text(finished.stdout + finished.stderr)
+    if finished.returncode != 0:
+        tail = (finished.stderr or finished.stdout).strip().splitlines()[-1:] or ["?"]
+        return ScalingRow(gpus, grad_accum, f"error: {tail[0][:200]}")
+    speeds, losses = step_speeds(output / "metrics.jsonl")
+    speed = statistics.median(speeds) if speeds else None
+    return ScalingRow(gpus, grad_accum, "ok", speed, speed / gpus if speed else None, losses=losses)
+
+
+def run_scaling(
+    options, gpu_counts: tuple[int, ...], workdir: Path, equivalence: bool, log
+) -> list[ScalingRow]:
+    from gptoss_tune.bench.run import bench_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = bench_config(options.preset, options.layers)
+    log(f"writing a random {options.preset} checkpoint ({config.num_hidden_layers} layers)")
+    model = write_bench_checkpoint(config, workdir / "model", options.seed)
+    data = write_jsonl(make_synthetic_rows(rows=1000, seed=options.seed), workdir / "mt-synthetic.jsonl")
+    rows = [run_one(workdir, model, data, n, 1, options, log) for n in sorted(set(gpu_counts))]
+    base = next((r.tokens_per_s for r in rows if r.gpus == 1 and r.tokens_per_s), None)
+    for row in rows:
+        if base and row.tokens_per_s:
+            row.speedup = row.tokens_per_s / base
+    if equivalence:
+        most = max(gpu_counts)
+        rows.append(run_one(workdir, model, data, 1, most, options, log))
+    (workdir / "scaling.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return rows
+
+
+def environment_line() -> str:
+    from gptoss_tune.bench.run import environment
+
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return (
+        f"{env['date']}, {torch.cuda.device_count()} x {env['device']}, torch {env['torch']}, transformers "
+        f"{env['transformers']}, peft {env['peft']}"
+    )
+
+
+def scaling_table(rows: list[ScalingRow]) -> str:
+    lines = [
+        "| GPUs | micro-batches per GPU per step | status | real tok/s | tok/s per GPU | speed-up vs 1 GPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        lines.append(
+            f"| {r.gpus} | {r.grad_accum} | {r.status} | {fmt(r.tokens_per_s, ',.0f')} | "
+            f"{fmt(r.tokens_per_s_per_gpu, ',.0f')} | {fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def equivalence_table(rows: list[ScalingRow]) -> str | None:
+    """Loss per step of N GPUs x 1 micro-batch against 1 GPU x N micro-batches (same global batch)."""
+    accumulated = next((r for r in rows if r.gpus == 1 and r.grad_accum > 1 and r.losses), None)
+    parallel = next(
+        (
+            r
+            for r in rows
+            if accumulated and r.gpus == accumulated.grad_accum and r.grad_accum == 1 and r.losses
+        ),
+        None,
+    )
+    if not (accumulated and parallel):
+        return None
+    lines = [
+        f"| step | {parallel.gpus} GPUs | 1 GPU x {accumulated.grad_accum} accumulation | difference |",
+        "|---|---|---|---|",
+    ]
+    for step, (a, b) in enumerate(zip(parallel.losses, accumulated.losses, strict=False), start=1):
+        lines.append(f"| {step} | {a:.5f} | {b:.5f} | {abs(a - b):.2e} |")
+    return "\n".join(lines)

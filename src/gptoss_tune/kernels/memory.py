@@ -1,0 +1,113 @@
+"""Selective activation checkpointing: recompute only as many layers as the memory budget needs.
+
+A layer that is not checkpointed keeps its activations for backward; a checkpointed one keeps only
+its input and recomputes the rest in backward (one extra forward of that layer). On the GPU the
+cost of both is measured on one real layer at the micro-batch's length (`measure_layer_memory`),
+then `choose_checkpointed_layers` leaves as many layers un-checkpointed as fit:
+
+    peak ~ now_allocated + optimizer + loss + transient + n * saved + (L - n) * checkpointed  <= budget
+
+The first layers are the ones recomputed (any choice gives the same peak; all activations are
+alive when backward starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gptoss_tune.model.gpt_oss import GptOss, document_ids
+
+GIB = 1024**3
+ADAM_STATE_COPIES = 3  # gradient + two moments, fp32 like the adapters
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes one decoder layer needs at a given micro-batch length."""
+
+    saved: int  # activations kept for backward when the layer is not checkpointed
+    checkpointed: int  # kept when it is checkpointed: its input
+    transient: int  # extra peak while the layer runs its forward and backward
+
+
+def choose_checkpointed_layers(num_layers: int, layer: LayerMemory, available: int) -> list[int]:
+    """Indices of the layers to checkpoint so that kept activations fit in `available` bytes.
+
+    Every layer is checkpointed when even that does not fit (the caller reports the shortfall).
+    """
+    extra = max(layer.saved - layer.checkpointed, 0)
+    room = available - num_layers * layer.checkpointed
+    kept = num_layers if extra == 0 else min(num_layers, max(room, 0) // extra)
+    return list(range(num_layers - int(kept)))
+
+
+def _lora_parameter_bytes(model: GptOss) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def loss_peak_bytes(model: GptOss, tokens: int, chunk_tokens: int) -> int:
+    """The fused loss keeps the hidden gradient of every token and one chunk of logits (bf16 + an
+    fp32 working copy when not compiled)."""
+    weight = model.lm_head.weight
+    vocab, hidden = weight.shape
+    chunk = min(chunk_tokens, tokens) * vocab * (2 * weight.element_size() + 4)
+    return tokens * hidden * weight.element_size() + chunk
+
+
+def _random_layer_inputs(model: GptOss, tokens: int, dtype: torch.dtype, device: torch.device):
+    config = model.config
+    hidden = torch.randn(1, tokens, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    position_ids = torch.arange(tokens, device=device).unsqueeze(0)
+    cos, sin = model.model.rotary(position_ids, dtype)
+    return hidden, cos, sin, document_ids(position_ids)
+
+
+def measure_layer_memory(
+    model: GptOss, tokens: int, dtype: torch.dtype = torch.bfloat16, layer_index: int = 0
+) -> LayerMemory:
+    """Run one layer forward and backward on random input (CUDA) and measure what it keeps and its
+    transient peak. Leaves no gradient behind. Also warms up (compiles) the layer's kernels."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError("measure_layer_memory needs the model on a CUDA device")
+    layer = model.model.layers[layer_index]
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        output: Tensor = layer(hidden, cos, sin, documents)
+        torch.cuda.synchronize(device)
+        saved = torch.cuda.memory_allocated(device) - before - output.numel() * output.element_size()
+        output.backward(torch.randn_like(output))
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    for param in trainable:
+        param.grad = None
+    del hidden, output
+    checkpointed = tokens * model.config.hidden_size * dtype.itemsize
+    return LayerMemory(saved=max(saved, 0), checkpointed=checkpointed, transient=max(peak - saved, 0))
+
+
+def plan_activation_checkpointing(
+    model: GptOss,
+    tokens: int,
+    budget_bytes: int,
+    dtype: torch.dtype = torch.bfloat16,
+    loss_chunk_tokens: int = 2048,
+) -> list[int]:
+    """Measure, choose and apply: returns the checkpointed layer indices (set on the model)."""
+    device = next(model.parameters()).device
+    layer = measure_layer_memory(model, tokens, dtype)
+    optimizer = ADAM_STATE_COPIES * _lora_parameter_bytes(model)
+    fixed = (
+        torch.cuda.memory_allocated(device) + optimizer + loss_peak_bytes(model, tokens, loss_chunk_tokens)
+    )
+    available = budget_bytes - fixed - layer.transient
+    layers = choose_checkpointed_layers(len(model.model.layers), layer, available)
+    model.set_gradient_checkpointing(layers)
+    return layers

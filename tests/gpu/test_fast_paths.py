@@ -1,0 +1,311 @@
+"""The fast paths on CUDA, compiled, against the eager references (bf16 and fp32).
+
+Run on the GPU machine: `python3 -m pytest tests/gpu -q`. Shapes are gpt-oss's attention shape
+(64 query heads, 8 key/value heads, head_dim 64) at 1,024 tokens throughout, so the compiled
+FlexAttention kernels are built once per dtype and mask type and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
+from gptoss_tune.kernels.memory import measure_layer_memory, plan_activation_checkpointing
+from gptoss_tune.model.gpt_oss import (
+    IGNORE_INDEX,
+    Experts,
+    GptOss,
+    chunked_causal_lm_loss,
+    document_ids,
+    eager_attention,
+    eager_experts,
+)
+from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
+from gptoss_tune.model.presets import preset_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEVICE = torch.device("cuda")
+LENGTH = 1024
+FP32_TOLERANCE = 2e-3  # relative to the largest value
+BF16_SLACK = 1e-2
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_as_accurate(
+    name: str, actual: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, compute_dtype: torch.dtype
+) -> None:
+    """The fast path is within fp32 round-off of the fp32 truth, or, when it computed in bf16, about as
+    close to it as the eager reference in bf16 (bf16 alone moves results by a few percent of their
+    largest value). fp32 adapters trained under bf16 autocast have fp32 gradients computed in bf16."""
+    error = relative_error(actual, truth)
+    assert torch.isfinite(actual).all(), name
+    if compute_dtype == torch.float32:
+        assert error <= FP32_TOLERANCE, (name, error)
+    else:
+        baseline = relative_error(eager, truth)
+        assert error <= 1.5 * baseline + BF16_SLACK, (name, error, baseline)
+
+
+def as_fp32_leaves(tensors, differentiable: int) -> list:
+    """fp32 copies of the same (rounded) values; the first `differentiable` ones require grad."""
+    copies = []
+    for index, tensor in enumerate(tensors):
+        if tensor.is_floating_point():
+            tensor = tensor.detach().float().requires_grad_(index < differentiable)
+        copies.append(tensor)
+    return copies
+
+
+def packed_positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def flex() -> FlexAttention:
+    return FlexAttention(compile=True)
+
+
+@pytest.fixture(scope="module")
+def grouped() -> GroupedExperts:
+    return GroupedExperts(compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------
+
+
+def attention_inputs(dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=DEVICE).to(dtype).requires_grad_(True)
+
+    # Frozen sinks in the model's dtype, as in LoRA training (the compiled kernels are then shared
+    # with the whole-model tests); the lse gradient still reaches query and key through them.
+    sinks = (2 * torch.randn(64, generator=generator, device=DEVICE)).to(dtype)
+    documents = document_ids(packed_positions([300, 37, 463, 224]))  # a boundary inside a tile
+    return randn(1, 64, LENGTH, 64), randn(1, 8, LENGTH, 64), randn(1, 8, LENGTH, 64), sinks, documents
+
+
+def attention_and_grads(attention_fn, inputs, window: int | None):
+    query, key, value, sinks, documents = inputs
+    out = attention_fn(query, key, value, sinks, scaling=0.125, sliding_window=window, documents=documents)
+    grad = torch.randn(out.shape, generator=torch.Generator(device=DEVICE).manual_seed(9), device=DEVICE)
+    grads = torch.autograd.grad(out, (query, key, value), grad.to(out.dtype))
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    "dtype,window", [(torch.bfloat16, None), (torch.bfloat16, 128), (torch.float32, 128)], ids=str
+)
+def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) -> None:
+    inputs = attention_inputs(dtype)
+    assert flex.can_run(*inputs[:4])
+    actual, actual_grads = attention_and_grads(flex, inputs, window)
+    eager, eager_grads = attention_and_grads(eager_attention, inputs, window)
+    truth, truth_grads = attention_and_grads(eager_attention, as_fp32_leaves(inputs, 3), window)
+    assert actual.dtype == dtype
+    assert_as_accurate("output", actual, eager, truth, dtype)
+    for name, got, baseline, want in zip(
+        ("query", "key", "value"), actual_grads, eager_grads, truth_grads, strict=True
+    ):
+        assert_as_accurate(name, got, baseline, want, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------------------------------
+
+
+def experts_on_cuda(dtype: torch.dtype, hidden: int, inner: int, num_experts: int, rank: int) -> Experts:
+    config = preset_config("tiny")
+    config.hidden_size, config.intermediate_size, config.num_local_experts = hidden, inner, num_experts
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    with torch.device(DEVICE):
+        experts = Experts(config)
+        with torch.no_grad():
+            for param in experts.parameters():
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator, device=DEVICE))
+        experts.to(dtype).requires_grad_(False)
+        experts.gate_up_lora = ExpertLora(experts.weight_shape("gate_up_proj"), rank, 2.0, device=DEVICE)
+        experts.down_lora = ExpertLora(experts.weight_shape("down_proj"), rank, 2.0, device=DEVICE)
+    with torch.no_grad():  # fp32 adapters, B non-zero so the adapters matter
+        for module in (experts.gate_up_lora, experts.down_lora):
+            module.lora_B.copy_(0.05 * torch.randn(module.lora_B.shape, generator=generator, device=DEVICE))
+    return experts
+
+
+def experts_and_grads(experts_fn, experts: Experts, hidden, indices, weights, dtype: torch.dtype):
+    adapters = [experts.gate_up_lora.lora_A, experts.gate_up_lora.lora_B]
+    adapters += [experts.down_lora.lora_A, experts.down_lora.lora_B]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = experts_fn(experts, hidden, indices, weights)
+    grad = torch.randn(out.shape, generator=torch.Generator(device=DEVICE).manual_seed(5), device=DEVICE)
+    return out, torch.autograd.grad(out, [hidden, weights, *adapters], grad.to(out.dtype))
+
+
+@pytest.mark.parametrize(
+    "dtype,hidden,inner,num_experts,rank,tokens",
+    [
+        (torch.float32, 256, 128, 8, 8, 600),
+        (torch.bfloat16, 256, 128, 8, 4, 600),  # rank padded to 8 for grouped_mm
+        (torch.bfloat16, 2880, 2880, 32, 8, 4096),  # gpt-oss-20b's expert shape
+    ],
+    ids=str,
+)
+def test_grouped_experts_match_the_eager_loop(
+    grouped, dtype, hidden, inner, num_experts, rank, tokens
+) -> None:
+    experts = experts_on_cuda(dtype, hidden, inner, num_experts, rank)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    used = num_experts - 2  # the last two experts receive no token
+    indices = torch.stack(
+        [torch.randperm(used, generator=generator, device=DEVICE)[:4] for _ in range(tokens)]
+    )
+    weights = torch.softmax(torch.randn(tokens, 4, generator=generator, device=DEVICE), -1).to(dtype)
+    hidden_states = torch.randn(tokens, hidden, generator=generator, device=DEVICE).to(dtype)
+    hidden_states.requires_grad_(True)
+    weights.requires_grad_(True)
+    assert grouped.can_run(experts, dtype)
+    actual, actual_grads = experts_and_grads(grouped, experts, hidden_states, indices, weights, dtype)
+    eager, eager_grads = experts_and_grads(eager_experts, experts, hidden_states, indices, weights, dtype)
+    truth_experts = copy.deepcopy(experts).float()
+    truth_hidden, truth_weights = as_fp32_leaves([hidden_states, weights], 2)
+    truth, truth_grads = experts_and_grads(
+        eager_experts, truth_experts, truth_hidden, indices, truth_weights, torch.float32
+    )
+    assert_as_accurate("output", actual, eager, truth, dtype)
+    names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
+    for name, got, baseline, want in zip(names, actual_grads, eager_grads, truth_grads, strict=True):
+        assert_as_accurate(name, got, baseline, want, dtype)
+    for got in actual_grads[2:]:  # experts without tokens get exactly zero adapter gradient
+        assert got[used:].abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_loss_matches_the_chunked_reference(dtype) -> None:
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    tokens, hidden_size, vocab = 3000, 2880, 201088  # gpt-oss's lm_head
+    hidden = torch.randn(1, tokens, hidden_size, generator=generator, device=DEVICE).to(dtype)
+    hidden.requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, generator=generator, device=DEVICE) * hidden_size**-0.5).to(
+        dtype
+    )
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator, device=DEVICE)
+    labels[0, :500] = IGNORE_INDEX
+    positions = packed_positions([1200, 1000, 800])
+    actual, count = FusedLinearCrossEntropy(2048, compile=True)(hidden, weight, labels, positions)
+    (actual_grad,) = torch.autograd.grad(actual / count, hidden)
+    expected, expected_count = chunked_causal_lm_loss(hidden, weight, labels, positions)
+    (expected_grad,) = torch.autograd.grad(expected / expected_count, hidden)
+    assert count.item() == expected_count.item()
+    assert abs(actual.item() - expected.item()) <= 1e-4 * abs(expected.item())
+    # Both compute the same bf16 logits and round the logit gradient to bf16 once.
+    assert relative_error(actual_grad, expected_grad) <= (FP32_TOLERANCE if dtype == torch.float32 else 2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole model, and the checkpointing plan
+# ---------------------------------------------------------------------------------------------------
+
+
+def small_model(seed: int = 0) -> GptOss:
+    """Two layers with gpt-oss's attention shape (sliding + full), 8 experts, a small vocabulary."""
+    config = preset_config("tiny")
+    config.update(
+        {
+            "vocab_size": 1000,
+            "pad_token_id": None,
+            "eos_token_id": None,
+            "hidden_size": 512,
+            "intermediate_size": 256,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 4,
+            "experts_per_token": 4,
+            "sliding_window": 128,
+        }
+    )
+    torch.manual_seed(seed)
+    with torch.device(DEVICE):
+        model = GptOss(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                noise = torch.randn_like(param)
+                param.copy_(1 + 0.1 * noise if "norm" in name else 0.05 * noise)
+    model.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    params = apply_lora(model, LoraOptions(rank=8, alpha=16.0), generator=generator)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.data = param.data.float()
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator).to(DEVICE))
+    return model
+
+
+def loss_and_lora_grads(model: GptOss, autocast: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, 1000, (1, LENGTH), generator=generator).to(DEVICE)
+    labels = input_ids.clone()
+    labels[0, :100] = IGNORE_INDEX
+    positions = packed_positions([400, 300, 200, LENGTH - 900])  # the last one stands for padding
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        total, count = model.loss(input_ids, labels, positions)
+    (total / count).backward()
+    return (total / count).item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fast_model_in_bf16_is_as_accurate_as_the_eager_model(flex, grouped) -> None:
+    """bf16 alone moves LoRA gradients by several percent, so both bf16 runs are measured against
+    the fp32 eager model (same weights): the fast path must be about as close as the eager one."""
+    truth_model = small_model()
+    truth_model.float()
+    truth_loss, truth = loss_and_lora_grads(truth_model, autocast=False)
+    eager_loss, eager = loss_and_lora_grads(small_model())
+    fast = small_model()
+    fast.set_kernels(attention=flex, experts=grouped, loss=FusedLinearCrossEntropy(compile=True))
+    fast_loss, actual = loss_and_lora_grads(fast)
+    assert abs(fast_loss - truth_loss) <= 2 * abs(eager_loss - truth_loss) + 1e-3
+    for name, grad in truth.items():
+        assert torch.isfinite(actual[name]).all(), name
+        fast_error, eager_error = relative_error(actual[name], grad), relative_error(eager[name], grad)
+        assert fast_error <= 1.5 * eager_error + 0.02, (name, fast_error, eager_error)
+
+
+def test_enable_fast_paths_installs_every_kernel() -> None:
+    model = small_model()
+    installed = enable_fast_paths(model)
+    layer = model.model.layers[0]
+    assert layer.self_attn.attention_fn is installed.attention
+    assert layer.mlp.experts_fn is installed.experts
+    assert model.loss_fn is installed.loss
+
+
+def test_checkpointing_plan_follows_the_budget(flex, grouped) -> None:
+    model = small_model()
+    model.set_kernels(attention=flex, experts=grouped)
+    layer = measure_layer_memory(model, LENGTH)
+    assert layer.saved > layer.checkpointed > 0 and layer.transient > 0
+    assert all(p.grad is None for p in model.parameters())
+    roomy = torch.cuda.memory_allocated() + 10 * 1024**3
+    assert plan_activation_checkpointing(model, LENGTH, roomy) == []
+    assert plan_activation_checkpointing(model, LENGTH, torch.cuda.memory_allocated()) == [0, 1]
+    assert model.model.checkpointed_layers == frozenset({0, 1})

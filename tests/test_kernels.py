@@ -1,0 +1,484 @@
+"""The fast paths (gptoss_tune.kernels) against the eager references of the model, on the CPU.
+
+What runs on a CPU here: FlexAttention forward (its unfused reference implementation; FlexAttention
+has no CPU backward, so attention gradients are checked in tests/gpu), grouped_mm forward and
+backward, the fused loss, selective checkpointing. tests/gpu repeats these on CUDA with the
+compiled kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from gptoss_tune.kernels import FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
+from gptoss_tune.kernels.attention import (
+    FlexAttention,
+    build_block_mask,
+    mask_mod_for,
+    tile_table,
+    tiles_to_kv_blocks,
+)
+from gptoss_tune.kernels.loss import linear_cross_entropy_sum
+from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
+from gptoss_tune.kernels.moe import aligned_lora_factors, sort_by_expert
+from gptoss_tune.model.gpt_oss import (
+    IGNORE_INDEX,
+    Experts,
+    GptOss,
+    attention_mask,
+    chunked_causal_lm_loss,
+    document_ids,
+    eager_attention,
+    eager_experts,
+)
+from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
+from gptoss_tune.model.presets import preset_config
+
+FP32_TOLERANCE = 1e-5
+BF16_TOLERANCE = 3e-2
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def packed_positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def random_packing(length: int, generator: torch.Generator) -> list[int]:
+    """Document lengths (1..300) summing to `length`."""
+    lengths, left = [], length
+    while left:
+        n = min(left, int(torch.randint(1, 300, (1,), generator=generator)))
+        lengths.append(n)
+        left -= n
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: block masks
+# ---------------------------------------------------------------------------------------------------
+
+
+def tile_reductions(
+    documents: torch.Tensor, window: int | None, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any visible, all visible) per tile from the dense reference mask."""
+    batch, length = documents.shape
+    tiles = length // block
+    dense = attention_mask(documents, window).view(batch, tiles, block, tiles, block).transpose(2, 3)
+    return dense.any(-1).any(-1), dense.all(-1).all(-1)
+
+
+@pytest.mark.parametrize("window", [None, 3, 16, 40, 128])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tile_table_is_exact_for_full_tiles_and_never_misses_a_visible_pair(window, seed) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    block, length = 16, 512
+    rows = [packed_positions(random_packing(length, generator)) for _ in range(2)]
+    documents = document_ids(torch.cat(rows))
+    partial, full = tile_table(documents, window, block)
+    any_visible, all_visible = tile_reductions(documents, window, block)
+    assert torch.equal(full[:, 0], all_visible)
+    assert not (partial & full).any()
+    assert torch.equal((partial | full)[:, 0] | ~any_visible, torch.ones_like(any_visible))
+    if window is None:  # without a window the table is exact
+        assert torch.equal((partial | full)[:, 0], any_visible)
+
+
+def test_tiles_to_kv_blocks_lists_selected_tiles_first_in_order() -> None:
+    tiles = torch.tensor([[[[True, False, True, False], [False, False, False, False]]]])
+    counts, indices = tiles_to_kv_blocks(tiles)
+    assert counts.tolist() == [[[2, 0]]]
+    assert indices[0, 0, 0, :2].tolist() == [0, 2]
+    assert indices.dtype == counts.dtype == torch.int32
+
+
+@pytest.mark.parametrize("window", [None, 128])
+def test_block_mask_covers_the_same_tiles_as_create_block_mask(window) -> None:
+    documents = document_ids(packed_positions([100, 300, 240, 128, 256]))
+    length = documents.shape[1]
+    ours = build_block_mask(documents, window)
+    reference = create_block_mask(mask_mod_for(documents, window), 1, None, length, length, device="cpu")
+    ours_tiles, reference_tiles = ours.to_dense().bool(), reference.to_dense().bool()
+    assert torch.equal(ours_tiles | reference_tiles, ours_tiles)  # never misses a tile
+    if window is None:
+        assert torch.equal(ours_tiles, reference_tiles)
+    assert ours.full_kv_num_blocks.sum() == reference.full_kv_num_blocks.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: FlexAttention with sinks against the eager reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def attention_inputs(
+    length: int, seed: int, batch: int = 2, heads: int = 8, kv_heads: int = 2, dim: int = 16
+):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    positions = torch.cat([packed_positions(random_packing(length, generator)) for _ in range(batch)])
+    return (
+        randn(batch, heads, length, dim),
+        randn(batch, kv_heads, length, dim),
+        randn(batch, kv_heads, length, dim),
+        2 * randn(heads),  # sinks from strongly negative to strongly positive
+        document_ids(positions),
+    )
+
+
+@pytest.mark.parametrize("window", [None, 128, 5])
+@pytest.mark.parametrize("length", [256, 384, 300])  # 300: padded to 384 inside
+def test_flex_attention_forward_matches_eager(window, length) -> None:
+    query, key, value, sinks, documents = attention_inputs(length, seed=length + (window or 0))
+    kwargs = {"scaling": 0.25, "sliding_window": window, "documents": documents}
+    flex = FlexAttention(compile=False)
+    with torch.no_grad():
+        assert flex.can_run(query, key, value, sinks)
+        actual = flex(query, key, value, sinks, **kwargs)
+        expected = eager_attention(query, key, value, sinks, **kwargs)
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+
+
+def test_flex_attention_falls_back_to_eager_for_shapes_it_cannot_take() -> None:
+    flex = FlexAttention(compile=False)
+    query, key, value, sinks, documents = attention_inputs(200, seed=5)  # shorter than MIN_FLEX_LENGTH
+    kwargs = {"scaling": 0.25, "sliding_window": 128, "documents": documents}
+    with torch.no_grad():
+        assert torch.equal(
+            flex(query, key, value, sinks, **kwargs), eager_attention(query, key, value, sinks, **kwargs)
+        )
+    query, key, value, sinks, documents = attention_inputs(256, seed=6)
+    query.requires_grad_(True)  # FlexAttention has no CPU backward: eager, with gradients
+    out = flex(query, key, value, sinks, scaling=0.25, sliding_window=None, documents=documents)
+    (grad,) = torch.autograd.grad(out.sum(), query)
+    assert flex.masks_built == 0 and grad.abs().sum() > 0
+
+
+def test_block_masks_are_built_once_per_micro_batch_and_window() -> None:
+    flex = FlexAttention(compile=False)
+    query, key, value, sinks, documents = attention_inputs(256, seed=7)
+    with torch.no_grad():
+        for window in (128, None, 128, None):  # four layers of one micro-batch
+            flex(query, key, value, sinks, scaling=0.25, sliding_window=window, documents=documents)
+        assert flex.masks_built == 2
+        flex(query, key, value, sinks, scaling=0.25, sliding_window=128, documents=documents.clone())
+    assert flex.masks_built == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_sort_by_expert_groups_assignments_and_inverts() -> None:
+    indices = torch.tensor([[3, 0], [0, 2], [3, 2], [1, 0]])
+    routing = sort_by_expert(indices, num_experts=5)
+    flat = indices.reshape(-1)
+    assert routing.experts.tolist() == sorted(flat.tolist())
+    assert torch.equal(flat[routing.order], routing.experts)
+    assert torch.equal(routing.tokens, routing.order // 2)
+    assert routing.offsets.tolist() == [3, 4, 6, 8, 8]
+    assert torch.equal(routing.order[routing.inverse], torch.arange(8))
+
+
+def experts_with_adapters(
+    hidden: int = 32,
+    inner: int = 24,
+    num_experts: int = 6,
+    rank: int = 8,
+    targets: tuple[str, ...] = ("experts",),
+    cls: type[Experts] = Experts,
+) -> Experts:
+    """Random experts (same values for the same arguments) with random adapters on `targets`."""
+    config = preset_config("tiny")
+    config.hidden_size, config.intermediate_size, config.num_local_experts = hidden, inner, num_experts
+    experts = cls(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    if "gate_up_proj" in targets or "experts" in targets:
+        experts.gate_up_lora = ExpertLora(experts.weight_shape("gate_up_proj"), rank, 2.0, generator)
+    if "down_proj" in targets or "experts" in targets:
+        experts.down_lora = ExpertLora(experts.weight_shape("down_proj"), rank, 0.5, generator)
+    with torch.no_grad():  # B starts at zero; make the adapters matter
+        for module in (experts.gate_up_lora, experts.down_lora):
+            if module is not None:
+                module.lora_B.copy_(0.3 * torch.randn(module.lora_B.shape, generator=generator))
+    experts.requires_grad_(False)
+    for module in (experts.gate_up_lora, experts.down_lora):
+        if module is not None:
+            module.requires_grad_(True)
+    return experts
+
+
+def routing_inputs(tokens: int, num_experts: int, top_k: int, hidden: int, used_experts: int | None = None):
+    generator = torch.Generator().manual_seed(1)
+    pool = used_experts or num_experts  # route to the first `pool` experts only: the rest get no token
+    indices = torch.stack([torch.randperm(pool, generator=generator)[:top_k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1)
+    hidden_states = torch.randn(tokens, hidden, generator=generator)
+    return hidden_states.requires_grad_(True), indices, weights.requires_grad_(True)
+
+
+def experts_outputs_and_grads(experts_fn, experts: Experts, hidden, indices, weights, dtype: torch.dtype):
+    trainable = [p for p in experts.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = experts_fn(experts, hidden, indices, weights)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
+    grads = torch.autograd.grad(out, [hidden, weights, *trainable], grad)
+    return out, grads
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize(
+    "targets,rank,used_experts",
+    [(("experts",), 8, None), (("experts",), 3, 4), (("gate_up_proj",), 8, None), ((), 8, 2)],
+)
+def test_grouped_experts_match_the_eager_loop_with_gradients(compile, targets, rank, used_experts) -> None:
+    experts = experts_with_adapters(rank=rank, targets=targets)
+    hidden, indices, weights = routing_inputs(40, experts.num_experts, 2, 32, used_experts)
+    grouped = GroupedExperts(compile=compile)
+    assert grouped.can_run(experts, torch.float32)
+    actual, actual_grads = experts_outputs_and_grads(
+        grouped, experts, hidden, indices, weights, torch.float32
+    )
+    expected, expected_grads = experts_outputs_and_grads(
+        eager_experts, experts, hidden, indices, weights, torch.float32
+    )
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+    assert len(actual_grads) == 2 + 2 * len([m for m in (experts.gate_up_lora, experts.down_lora) if m])
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        assert relative_error(got, want) <= FP32_TOLERANCE
+
+
+def test_grouped_experts_in_bf16_stay_within_bf16_error() -> None:
+    experts = experts_with_adapters()
+    experts.to(torch.bfloat16)
+    for module in (experts.gate_up_lora, experts.down_lora):
+        module.float()  # adapters in fp32, as the trainer keeps them
+    hidden, indices, weights = routing_inputs(64, experts.num_experts, 2, 32)
+    hidden = hidden.detach().bfloat16().requires_grad_(True)
+    weights = weights.detach().bfloat16().requires_grad_(True)
+    actual, actual_grads = experts_outputs_and_grads(
+        GroupedExperts(compile=False), experts, hidden, indices, weights, torch.bfloat16
+    )
+    expected, expected_grads = experts_outputs_and_grads(
+        eager_experts, experts, hidden, indices, weights, torch.bfloat16
+    )
+    assert actual.dtype == torch.bfloat16
+    assert relative_error(actual, expected) <= BF16_TOLERANCE
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        assert relative_error(got, want) <= BF16_TOLERANCE
+
+
+def test_grouped_experts_fall_back_when_sizes_break_grouped_mm_alignment() -> None:
+    experts = experts_with_adapters(hidden=30, inner=30)  # 30 fp32 values: rows of 120 bytes
+    hidden, indices, weights = routing_inputs(10, experts.num_experts, 2, 30)
+    grouped = GroupedExperts(compile=False)
+    assert not grouped.can_run(experts, torch.float32)
+    assert torch.equal(
+        grouped(experts, hidden, indices, weights), eager_experts(experts, hidden, indices, weights)
+    )
+
+
+class DoubledStorageExperts(Experts):
+    """Stands in for other storage (e.g. MXFP4): the dense weights come from the accessors only."""
+
+    def gate_up_weight(self) -> torch.Tensor:
+        return 2 * self.gate_up_proj
+
+    def down_weight(self) -> torch.Tensor:
+        return 2 * self.down_proj
+
+
+def test_grouped_experts_read_weights_only_through_the_accessors() -> None:
+    doubled = experts_with_adapters(cls=DoubledStorageExperts)
+    expected_experts = experts_with_adapters()
+    with torch.no_grad():
+        expected_experts.gate_up_proj.mul_(2)
+        expected_experts.down_proj.mul_(2)
+    hidden, indices, weights = routing_inputs(20, doubled.num_experts, 2, 32)
+    grouped = GroupedExperts(compile=False)
+    actual, actual_grads = experts_outputs_and_grads(
+        grouped, doubled, hidden, indices, weights, torch.float32
+    )
+    expected, expected_grads = experts_outputs_and_grads(
+        eager_experts, expected_experts, hidden, indices, weights, torch.float32
+    )
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+    for got, want in zip(actual_grads, expected_grads, strict=True):  # backward fetches them again
+        assert relative_error(got, want) <= FP32_TOLERANCE
+
+
+def test_aligned_lora_factors_pad_the_rank_without_changing_the_product() -> None:
+    experts = experts_with_adapters(rank=3)
+    lora_a, lora_b = aligned_lora_factors(experts.gate_up_lora, torch.bfloat16)
+    assert lora_a.shape[-1] == lora_b.shape[-2] == 8
+    expected = torch.bmm(experts.gate_up_lora.lora_A, experts.gate_up_lora.lora_B)
+    assert relative_error(torch.bmm(lora_a.float(), lora_b.float()), expected) <= BF16_TOLERANCE
+    lora_a, lora_b = aligned_lora_factors(experts.gate_up_lora, torch.float32)
+    assert lora_a.shape[-1] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def loss_inputs(dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(3)
+    length, hidden_size, vocab = 150, 16, 500
+    hidden = torch.randn(1, length, hidden_size, generator=generator).to(dtype).requires_grad_(True)
+    weight = (0.5 * torch.randn(vocab, hidden_size, generator=generator)).to(dtype)
+    labels = torch.randint(0, vocab, (1, length), generator=generator)
+    labels[0, :30] = IGNORE_INDEX
+    positions = packed_positions([60, 50, 40])
+    return hidden, weight, labels, positions
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_fused_loss_matches_the_chunked_reference_with_gradients(compile, chunk) -> None:
+    hidden, weight, labels, positions = loss_inputs()
+    actual, actual_count = FusedLinearCrossEntropy(chunk, compile=compile)(hidden, weight, labels, positions)
+    (actual_grad,) = torch.autograd.grad(actual / actual_count, hidden)
+    expected, expected_count = chunked_causal_lm_loss(hidden, weight, labels, positions)
+    (expected_grad,) = torch.autograd.grad(expected / expected_count, hidden)
+    assert actual_count.item() == expected_count.item() == 149 - 29 - 2
+    assert relative_error(actual, expected) <= FP32_TOLERANCE
+    assert relative_error(actual_grad, expected_grad) <= FP32_TOLERANCE
+
+
+def test_fused_loss_in_bf16_stays_within_bf16_error() -> None:
+    hidden, weight, labels, positions = loss_inputs(torch.bfloat16)
+    actual, _ = FusedLinearCrossEntropy(32, compile=False)(hidden, weight, labels, positions)
+    (actual_grad,) = torch.autograd.grad(actual, hidden)
+    expected, _ = chunked_causal_lm_loss(hidden, weight, labels, positions)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, expected) <= 1e-3
+    assert relative_error(actual_grad, expected_grad) <= BF16_TOLERANCE
+
+
+def test_fused_loss_without_trained_tokens_is_zero_and_differentiable() -> None:
+    hidden, weight, labels, positions = loss_inputs()
+    total, count = FusedLinearCrossEntropy()(hidden, weight, torch.full_like(labels, IGNORE_INDEX), positions)
+    (grad,) = torch.autograd.grad(total, hidden)
+    assert total.item() == 0.0 and count.item() == 0 and grad.abs().sum() == 0
+
+
+def test_fused_loss_falls_back_when_lm_head_is_trainable() -> None:
+    hidden, weight, labels, positions = loss_inputs()
+    weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="lm_head"):
+        linear_cross_entropy_sum(hidden[0], weight, labels[0])
+    total, _ = FusedLinearCrossEntropy()(hidden, weight, labels, positions)
+    total.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpointing policy
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_choose_checkpointed_layers_keeps_as_many_layers_as_fit() -> None:
+    layer = LayerMemory(saved=10, checkpointed=1, transient=0)
+    assert choose_checkpointed_layers(4, layer, available=40) == []  # 4 * 10 fits
+    assert choose_checkpointed_layers(4, layer, available=22) == [0, 1]  # 2 * 10 + 2 * 1
+    assert choose_checkpointed_layers(4, layer, available=3) == [0, 1, 2, 3]  # not even 4 * 1
+    assert choose_checkpointed_layers(4, LayerMemory(1, 1, 0), available=0) == []  # nothing to gain
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------------
+
+
+def small_model(seed: int = 0) -> GptOss:
+    config = preset_config("tiny")
+    config.vocab_size = 1000
+    config.pad_token_id = config.eos_token_id = None
+    config.sliding_window = 128  # a window the block masks can take
+    model = GptOss(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
+    params = apply_lora(model, LoraOptions(rank=8, alpha=16.0), generator=generator)
+    with torch.no_grad():
+        for name, param in params.items():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def packed_batch(length: int = 384, seed: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 1000, (1, length), generator=generator)
+    labels = input_ids.clone()
+    labels[0, : length // 10] = IGNORE_INDEX
+    first, second, third = length * 2 // 5, length // 4, length // 4  # and a short last document
+    return input_ids, labels, packed_positions([first, second, third, length - first - second - third])
+
+
+def lora_gradients(model: GptOss, input_ids, labels, positions) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    total, count = model.loss(input_ids, labels, positions)
+    (total / count).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return (total / count).item(), grads
+
+
+def test_enable_fast_paths_trains_the_same_as_the_eager_model() -> None:
+    reference, fast = small_model(), small_model()
+    installed = enable_fast_paths(fast, compile=False)
+    assert "grouped experts" in installed.describe()
+    batch = packed_batch()
+    expected_loss, expected = lora_gradients(reference, *batch)
+    actual_loss, actual = lora_gradients(fast, *batch)
+    assert abs(actual_loss - expected_loss) <= FP32_TOLERANCE * expected_loss
+    for name, grad in expected.items():
+        assert relative_error(actual[name], grad) <= 1e-4, name
+
+
+def test_fast_model_forward_with_flex_attention_matches_eager() -> None:
+    reference, fast = small_model(), small_model()
+    enable_fast_paths(fast, compile=False)
+    input_ids, _, positions = packed_batch()
+    with torch.no_grad():  # FlexAttention runs forward-only on a CPU
+        expected = reference(input_ids, positions)
+        actual = fast(input_ids, positions)
+    assert fast.model.layers[0].self_attn.attention_fn.masks_built == 2
+    assert relative_error(actual, expected) <= 1e-4
+
+
+def test_selective_checkpointing_recomputes_only_the_chosen_layers() -> None:
+    model = small_model()
+    batch = packed_batch(length=64)
+    _, expected = lora_gradients(model, *batch)
+    calls = [0, 0]
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    model.set_gradient_checkpointing([1])
+    try:
+        _, actual = lora_gradients(model, *batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_gradient_checkpointing(False)
+    assert calls == [1, 2]  # layer 1 ran again in backward
+    for name, grad in expected.items():
+        assert relative_error(actual[name], grad) <= FP32_TOLERANCE, name
