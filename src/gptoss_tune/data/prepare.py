@@ -7,9 +7,6 @@ with the options, the vocabulary hash and statistics.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +19,7 @@ from gptoss_tune.data.conversation import Conversation
 from gptoss_tune.data.load import SourceRow, iter_rows
 from gptoss_tune.data.shapes import FORMATS, detect_format, normalize
 from gptoss_tune.errors import DataError, GptossTuneError
+from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.harmony.labels import POLICIES, make_labels
 from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, render
@@ -210,18 +208,10 @@ def write_prepared(examples: list[Example], info: dict, output: Path, overwrite:
         raise GptossTuneError(
             f"{output} already exists and is not empty; pass --overwrite or choose another --output."
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with atomic_directory(output, overwrite=True) as tmp:
         with _quiet_datasets():
             _to_dataset(examples).save_to_disk(str(tmp))
-        (tmp / PREPARE_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / PREPARE_INFO, info)
 
 
 def prepare(

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import write_json
 from gptoss_tune.harmony.render import RenderOptions
 from gptoss_tune.infer.generate import Completion, HfGenerator, SamplingOptions
 from gptoss_tune.infer.prompt import ChatHistory, generation_prompt
@@ -114,7 +115,7 @@ def prepare_demo_folder(settings: DemoSettings) -> Path:
             raise GptossTuneError(f"{output} holds a previous demo: pass --overwrite to replace it.")
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_json(output / DEMO_RECORD, {"status": "running"})
+    write_json(output / DEMO_RECORD, {"status": "running"})
     return output
 
 
@@ -263,17 +264,9 @@ def _files_written(output: Path, base: Path, run_files: dict[str, Path], merged:
     return {label: str(path) for label, path in files.items()}
 
 
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _write_record(result: DemoResult) -> None:
     status = "reproduced" if result.reproduced else "not reproduced"
-    _write_json(
-        result.output / DEMO_RECORD, asdict(result) | {"output": str(result.output), "status": status}
-    )
+    write_json(result.output / DEMO_RECORD, asdict(result) | {"output": str(result.output), "status": status})
 
 
 def summary_table(result: DemoResult) -> Table:

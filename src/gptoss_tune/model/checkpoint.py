@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
@@ -337,35 +337,6 @@ def load_checkpoint(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_empty_directory(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir` to write into; rename it to `out_dir` on success and
-    delete it on failure, so a failed run never leaves a half-written output. An existing `out_dir`
-    is replaced only with `overwrite` (or when it is an empty directory)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and not _is_empty_directory(out_dir):
-        raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    temporary.mkdir()
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        previous = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(previous)
-        temporary.rename(out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        temporary.rename(out_dir)
-
-
 class ShardWriter:
     """Collects tensors into safetensors shards of at most `max_shard_bytes` (a bigger tensor gets
     its own shard) and names them like transformers does once the count is known."""
@@ -421,10 +392,6 @@ def checkpoint_config(config: GptOssConfig, dtype: torch.dtype, mxfp4: bool) -> 
             "quant_method": "mxfp4",
         }
     return fields
-
-
-def write_json(path: Path, value: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def write_weights(

@@ -18,14 +18,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from torch import Tensor
 from transformers import GptOssConfig
 
+from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.harmony.hf_tokenizer import build_hf_tokenizer
-from gptoss_tune.model.checkpoint import (
-    GENERATION_CONFIG,
-    atomic_directory,
-    checkpoint_config,
-    write_json,
-    write_weights,
-)
+from gptoss_tune.model.checkpoint import GENERATION_CONFIG, checkpoint_config, write_weights
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.presets import InitScales, preset_config, preset_init_scales
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.model.checkpoint import atomic_directory, write_json
+from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss
 from gptoss_tune.model.sharded import assign_full_, full_tensor
 

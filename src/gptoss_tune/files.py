@@ -1,0 +1,53 @@
+"""Writing outputs so that a failed or killed run never leaves a half-written file or folder:
+write into a temporary sibling, rename it into place when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gptoss_tune.errors import GptossTuneError
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to write into; rename it to `out_dir` on success and
+    delete it on failure, so a failed run never leaves a half-written output. An existing `out_dir`
+    is replaced only with `overwrite` (or when it is an empty directory)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and not _is_empty_directory(out_dir):
+        raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        previous = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(previous)
+        temporary.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        temporary.rename(out_dir)
+
+
+def write_json(path: Path, value: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a temporary sibling, then a rename)."""
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary.write_text(
+        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    os.replace(temporary, path)
