@@ -52,7 +52,9 @@ from gptoss_tune.model.lora import LoraOptions
 from gptoss_tune.model.presets import preset_config
 
 GIB = 1024**3
-LOSS_GAP_TOLERANCE = 0.1  # mean |per-token loss difference| above this is a disagreement, not bf16 noise
+# Mean |per-token loss difference| above this is a disagreement, not bf16 noise. Measured on an H200
+# (20b shape, random weights): the two transformers recipes, same weights, differ by 0.149.
+LOSS_GAP_TOLERANCE = 0.25
 
 
 @dataclass(frozen=True)
