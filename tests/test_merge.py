@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.infer.merge import merge
-from gptoss_tune.infer.mxfp4 import quantize_min_error
 from gptoss_tune.infer.provenance import training_render_settings
 from gptoss_tune.model.checkpoint import (
     FP4_VALUES,
@@ -25,6 +24,7 @@ from gptoss_tune.model.checkpoint import (
 )
 from gptoss_tune.model.init import init_model
 from gptoss_tune.model.lora import LoraOptions
+from gptoss_tune.model.mxfp4 import quantize_min_error
 
 INPUT_IDS = torch.tensor([[200006, 17360, 200008, 12194, 11, 1495, 553, 481, 30, 200007, 200006, 173781]])
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -240,23 +240,35 @@ def test_render_settings_of_the_training_data_travel_with_the_merge(
 # --- the re-quantizer ----------------------------------------------------------------------------------
 
 
+def fitting_scale_rule(values: torch.Tensor) -> torch.Tensor:
+    """The common rule, for comparison: each block's smallest fitting power-of-two scale, values rounded
+    to the nearest e2m1 number (ties to the smaller magnitude)."""
+    groups = values.float().reshape(-1, 32)
+    unit = torch.exp2(torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True) / 6)))
+    unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    nearest = ((groups / unit).abs()[..., None] - grid).abs().argmin(-1)
+    return (grid[nearest] * torch.sign(groups) * unit).reshape(values.shape)
+
+
 def test_requantizing_a_slightly_changed_grid_block_keeps_its_scale() -> None:
     """With the fitting-scale rule, a tiny positive change to a block's top value (6 x scale) moves the
     whole block to a grid twice as coarse; choosing the scale by error keeps the base's codes."""
     generator = torch.Generator().manual_seed(0)
     on_grid = dequantize_mxfp4(*quantize_mxfp4(torch.randn(256, 128, generator=generator)), torch.float32)
     nudged = on_grid + torch.randn(on_grid.shape, generator=generator).abs() * 1e-6
-    fitting = dequantize_mxfp4(*quantize_mxfp4(nudged), torch.float32)
+    fitting = fitting_scale_rule(nudged)
     requantized = quantize_min_error(nudged)
     chosen = dequantize_mxfp4(requantized.blocks, requantized.scales, torch.float32)
     assert (fitting - nudged).norm() > 100 * (nudged - on_grid).norm()  # the pitfall, measured
     assert torch.equal(chosen, on_grid) and torch.equal(requantized.values, on_grid)
-    assert torch.equal(quantize_min_error(on_grid).blocks, quantize_mxfp4(on_grid)[0])
+    assert torch.equal(fitting_scale_rule(on_grid), on_grid)
+    assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(nudged), torch.float32), on_grid)  # what merges use
 
 
 def test_scale_choice_never_rounds_worse_than_the_fitting_scale() -> None:
     values = torch.randn(512, 64, generator=torch.Generator().manual_seed(1)) * 0.02
-    fitting = dequantize_mxfp4(*quantize_mxfp4(values), torch.float32)
+    fitting = fitting_scale_rule(values)
     quantized = quantize_min_error(values)
     chosen = dequantize_mxfp4(quantized.blocks, quantized.scales, torch.float32)
     assert torch.equal(chosen, quantized.values)

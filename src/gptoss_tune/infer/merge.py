@@ -5,7 +5,7 @@ by `merge_lora_into_state_dict`, experts one expert at a time here) and the resu
 (`save_checkpoint`), so host memory holds about one output shard plus one layer's expert weights twice.
 
 `--dtype mxfp4` re-quantizes the merged experts to the `*_blocks` / `*_scales` layout of the published
-checkpoints (rounding to nearest, each block's scale picked for the smallest error: `infer.mxfp4`), so
+checkpoints (rounding to nearest, each block's scale picked for the smallest error: `model.mxfp4.quantize_min_error`), so
 the merged model has the base's size and loads wherever the base loads. An expert update smaller than
 half a step of MXFP4's grid rounds back to the base value: how much of the adapter's expert update
 survived is measured and recorded (`gptoss_tune_merge.json`, `expert_delta_kept`), and a warning is
@@ -27,7 +27,6 @@ from torch import Tensor
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.infer.generate import pick_device
-from gptoss_tune.infer.mxfp4 import quantize_min_error
 from gptoss_tune.infer.provenance import MERGE_RECORD, training_render_settings
 from gptoss_tune.model.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -44,6 +43,7 @@ from gptoss_tune.model.lora import (
     peft_keys,
     read_adapter,
 )
+from gptoss_tune.model.mxfp4 import quantize_min_error
 
 MERGE_DTYPES = ("bf16", "fp32", "mxfp4")
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")

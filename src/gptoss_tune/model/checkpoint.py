@@ -34,18 +34,14 @@ from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
-    MXFP4_BLOCK_SIZE,
     MXFP4_SCALE_BIAS,
     Mxfp4Weight,
     densify_tensors,
     dequantize_experts,
+    quantize_min_error,
     resolve_expert_storage,
 )
 from gptoss_tune.model.presets import MXFP4_MODULES_NOT_CONVERTED
-
-# Midpoints between consecutive e2m1 magnitudes: rounding to nearest is a bucket lookup.
-_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_FP4_MAX = 6.0
 
 # Our names of the tensors that MXFP4 checkpoints store quantized.
 QUANTIZED_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -149,28 +145,10 @@ def dequantize_mxfp4(
 
 
 def quantize_mxfp4(values: Tensor) -> tuple[Tensor, Tensor]:
-    """values [..., C] (C a multiple of 32) -> (blocks u8 [..., C / 32, 16], scales u8 [..., C / 32]).
-
-    Each block of 32 gets the smallest power-of-two scale that fits its largest magnitude into
-    e2m1's range (|x| <= 6, so nothing saturates); each value rounds to the nearest e2m1 number.
-    """
-    *prefix, columns = values.shape
-    if columns % MXFP4_BLOCK_SIZE:
-        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of 32, got {columns}")
-    groups = values.float().reshape(-1, MXFP4_BLOCK_SIZE)
-    largest = groups.abs().amax(dim=-1, keepdim=True)
-    exponents = torch.ceil(torch.log2(largest / _FP4_MAX))
-    exponents = torch.nan_to_num(exponents, neginf=-MXFP4_SCALE_BIAS).clamp(
-        -MXFP4_SCALE_BIAS, MXFP4_SCALE_BIAS
-    )
-    exponents = exponents.to(torch.int32)
-    scaled = torch.ldexp(groups, -exponents)
-    midpoints = torch.tensor(_FP4_MIDPOINTS, dtype=torch.float32, device=values.device)
-    codes = torch.bucketize(scaled.abs(), midpoints) | ((scaled < 0).to(torch.int64) << 3)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-    blocks = packed.view(*prefix, columns // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
-    scales = (exponents + MXFP4_SCALE_BIAS).to(torch.uint8).view(*prefix, columns // MXFP4_BLOCK_SIZE)
-    return blocks, scales
+    """values [..., C] (C a multiple of 32) -> (blocks u8 [..., C / 32, 16], scales u8 [..., C / 32]),
+    each value rounded to the nearest point of its block's grid (see `mxfp4.quantize_min_error`)."""
+    quantized = quantize_min_error(values)
+    return quantized.blocks, quantized.scales
 
 
 def expert_weight_from_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
