@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gptoss_tune.data.conversation import Conversation, Message
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.harmony.render import RenderOptions, render
 
 SUPPORTED_LIKES = ("multilingual-thinking",)
 _LIKE_ALIASES = {
@@ -49,17 +51,6 @@ SENTENCE_WORDS_RANGE = (5, 15)  # inclusive low, exclusive high
 COMMA_PROBABILITY = 0.08
 _SUFFIXES = ("", ".", "?", "!", ",")
 _END_MARK_WEIGHTS = (0.8, 0.1, 0.1)  # ".", "?", "!"
-
-# One turn of the gpt-oss chat template with empty fields; only its token count is used.
-_CHAT_TEMPLATE_SKELETON = (
-    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-    "Knowledge cutoff: 2024-06\nCurrent date: 2025-01-01\n\nReasoning: medium\n\n"
-    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
-    "<|start|>developer<|message|># Instructions\n\n\n\n<|end|>"
-    "<|start|>user<|message|><|end|>"
-    "<|start|>assistant<|channel|>analysis<|message|><|end|>"
-    "<|start|>assistant<|channel|>final<|message|><|return|>"
-)
 
 DEVELOPER_PROMPTS = (
     "You are a helpful assistant.",
@@ -149,8 +140,12 @@ def _lexicon(language: str) -> _Lexicon:
 
 @functools.cache
 def chat_template_overhead_tokens() -> int:
-    """Tokens the gpt-oss chat template adds around one single-turn conversation (excluding contents)."""
-    return len(_encoding().encode(_CHAT_TEMPLATE_SKELETON, allowed_special="all"))
+    """Tokens the gpt-oss chat template adds around one single-turn conversation (excluding contents):
+    our renderer on a conversation whose four texts (developer, user, analysis, final) are one token each."""
+    one_token_texts = Conversation(
+        (Message("system", "x"), Message("user", "x"), Message("assistant", "x", "x"))
+    )
+    return len(render(one_token_texts, RenderOptions()).ids) - 4
 
 
 @functools.cache
