@@ -12,6 +12,7 @@ against N GPUs with one each: the same global batch, so the loss curves must agr
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,12 +113,16 @@ def run_one(workdir: Path, model: Path, data: Path, gpus: int, grad_accum: int, 
         UNTIMED_STEPS + options.steps,
         options.memory_budget_gib,
     )
-    log(" ".join(command))
-    finished = subprocess.run(command, capture_output=True, text=True)
-    (workdir / f"{output.name}.log").write_text(finished.stdout + finished.stderr)
-    if finished.returncode != 0:
-        tail = (finished.stderr or finished.stdout).strip().splitlines()[-1:] or ["?"]
-        return ScalingRow(gpus, grad_accum, f"error: {tail[0][:200]}")
+    if (output / "adapter").is_dir():  # finished in an earlier invocation with the same workdir
+        log(f"reusing {output}")
+    else:
+        shutil.rmtree(output, ignore_errors=True)  # a run cut short earlier: start it again
+        log(" ".join(command))
+        finished = subprocess.run(command, capture_output=True, text=True)
+        (workdir / f"{output.name}.log").write_text(finished.stdout + finished.stderr)
+        if finished.returncode != 0:
+            tail = (finished.stderr or finished.stdout).strip().splitlines()[-1:] or ["?"]
+            return ScalingRow(gpus, grad_accum, f"error: {tail[0][:200]}")
     speeds, losses = step_speeds(output / "metrics.jsonl")
     speed = statistics.median(speeds) if speeds else None
     return ScalingRow(gpus, grad_accum, "ok", speed, speed / gpus if speed else None, losses=losses)
@@ -133,15 +138,24 @@ def run_scaling(
     log(f"writing a random {options.preset} checkpoint ({config.num_hidden_layers} layers)")
     model = write_bench_checkpoint(config, workdir / "model", options.seed)
     data = write_jsonl(make_synthetic_rows(rows=1000, seed=options.seed), workdir / "mt-synthetic.jsonl")
-    rows = [run_one(workdir, model, data, n, 1, options, log) for n in sorted(set(gpu_counts))]
-    base = next((r.tokens_per_s for r in rows if r.gpus == 1 and r.tokens_per_s), None)
-    for row in rows:
-        if base and row.tokens_per_s:
-            row.speedup = row.tokens_per_s / base
+    rows: list[ScalingRow] = []
+
+    def record(row: ScalingRow) -> None:  # after every run, so a run cut short keeps what it measured
+        rows.append(row)
+        base = next(
+            (r.tokens_per_s for r in rows if r.gpus == 1 and r.grad_accum == 1 and r.tokens_per_s), None
+        )
+        for done in rows:
+            done.speedup = (
+                done.tokens_per_s / base if base and done.tokens_per_s and done.grad_accum == 1 else None
+            )
+        (workdir / "scaling.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        log(scaling_table(rows))
+
+    for n in sorted(set(gpu_counts)):
+        record(run_one(workdir, model, data, n, 1, options, log))
     if equivalence:
-        most = max(gpu_counts)
-        rows.append(run_one(workdir, model, data, 1, most, options, log))
-    (workdir / "scaling.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        record(run_one(workdir, model, data, 1, max(gpu_counts), options, log))
     return rows
 
 
