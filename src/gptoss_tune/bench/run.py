@@ -45,6 +45,7 @@ from gptoss_tune.bench.weights import (
     shared_copy,
     weight_bytes,
 )
+from gptoss_tune.devices import pick_device
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels import FastPaths
 from gptoss_tune.model.gpt_oss import GptOss
@@ -147,15 +148,6 @@ def bench_config(preset: str, layers: int | None) -> GptOssConfig:
         config.num_hidden_layers = layers
         config.layer_types = config.layer_types[:layers]
     return config
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptossTuneError("--device cuda, but no CUDA device is available.")
-    return device
 
 
 def environment(device: torch.device) -> dict:

@@ -240,6 +240,10 @@ def prepare(
     return info
 
 
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / PREPARE_INFO).is_file()
+
+
 def read_prepare_info(directory: str | Path) -> dict:
     path = Path(directory) / PREPARE_INFO
     if not path.is_file():

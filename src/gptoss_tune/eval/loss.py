@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from gptoss_tune.data.prepare import PrepareOptions, prepare
+from gptoss_tune.data.pack import trained_targets
+from gptoss_tune.data.prepare import PrepareOptions, is_prepared, prepare
+from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.infer.generate import pick_device, pick_dtype
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import load_adapter
@@ -86,8 +87,6 @@ def load_eval_examples(data: str, options: PrepareOptions) -> list[EvalExample]:
     """A prepared folder as is; anything `prepare` accepts is prepared (into a temporary folder)."""
     import datasets
 
-    from gptoss_tune.data.prepare import PREPARE_INFO
-
     def read(folder: Path) -> list[EvalExample]:
         dataset = datasets.load_from_disk(str(folder)).with_format("python")
         columns = zip(
@@ -95,7 +94,7 @@ def load_eval_examples(data: str, options: PrepareOptions) -> list[EvalExample]:
         )
         return [EvalExample(*row) for row in columns]
 
-    if (Path(data) / PREPARE_INFO).is_file():
+    if is_prepared(data):
         return read(Path(data))
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared"
@@ -119,11 +118,6 @@ def example_losses(
         losses.append(float(total) / max(int(count), 1))
         on_example()
     return losses
-
-
-def trained_token_count(labels: list[int]) -> int:
-    """Targets of the shifted loss: labels other than -100 after the first position."""
-    return sum(1 for label in labels[1:] if label != -100)
 
 
 def evaluate_loss(
@@ -155,7 +149,7 @@ def evaluate_loss(
                 source_index=e.source_index,
                 turn=e.turn,
                 tokens=len(e.input_ids),
-                trained_tokens=trained_token_count(e.labels),
+                trained_tokens=trained_targets(e.labels),
                 base_loss=base_loss,
                 adapter_loss=adapter_loss,
             )

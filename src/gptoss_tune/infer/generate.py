@@ -14,12 +14,11 @@ from typing import Protocol
 
 import torch
 
+from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony.vocab import harmony_encoding
 
 PAD_TOKEN_ID = 199999  # <|endoftext|>, as in the published generation_config.json
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -189,25 +188,6 @@ class _TokenStreamer:
 
     def end(self) -> None:
         pass
-
-
-def pick_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise GptossTuneError(f"Unknown --device '{device}': use one of {', '.join(DEVICES)}.")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GptossTuneError("--device cuda: no CUDA device is available.")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise GptossTuneError(f"Unknown --dtype '{dtype}': use one of {', '.join(DTYPES)}.")
-    chosen = DTYPES[dtype]
-    if chosen is None:  # bf16 where it is fast, fp32 on CPU
-        chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return chosen
 
 
 def is_mxfp4_checkpoint(path: Path) -> bool:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gptoss_tune.devices import pick_device
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.infer.generate import pick_device
 from gptoss_tune.infer.provenance import MERGE_RECORD, training_render_settings
 from gptoss_tune.model.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,

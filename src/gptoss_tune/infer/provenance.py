@@ -13,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from gptoss_tune.data.prepare import PREPARE_INFO
+
 RENDER_KEYS = ("template", "date", "reasoning_effort")
 RUN_CONFIG = "config.yaml"
-PREPARE_INFO = "prepare.json"
 MERGE_RECORD = "gptoss_tune_merge.json"
 _RUN_SEARCH_DEPTH = 3  # RUN/checkpoints/step-N[/adapter]
 

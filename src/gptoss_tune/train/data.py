@@ -11,14 +11,10 @@ import numpy as np
 
 from gptoss_tune.config import TrainConfig
 from gptoss_tune.data.pack import MicroBatch, PackPlan, collate, plan_packing, trained_targets
-from gptoss_tune.data.prepare import PREPARE_INFO, PrepareOptions, prepare, read_prepare_info
+from gptoss_tune.data.prepare import PrepareOptions, is_prepared, prepare, read_prepare_info
 from gptoss_tune.errors import GptossTuneError
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
-
-
-def is_prepared(path: str | Path) -> bool:
-    return (Path(path) / PREPARE_INFO).is_file()
 
 
 def prepare_options(config: TrainConfig) -> PrepareOptions:

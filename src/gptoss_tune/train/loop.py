@@ -22,6 +22,7 @@ from torch import nn
 
 from gptoss_tune.config import TrainConfig
 from gptoss_tune.data.pack import collate
+from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import enable_fast_paths, plan_activation_checkpointing
@@ -125,28 +126,6 @@ class Run:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
-
-
-def pick_device(config: TrainConfig, info: dist.DistInfo) -> torch.device:
-    if config.device == "auto":
-        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{info.local_rank}")
-    return device
-
-
-def pick_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    choices = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "bf16": torch.bfloat16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }
-    if config.dtype not in choices:
-        raise GptossTuneError(f"Unknown --dtype '{config.dtype}': use auto, bf16 or fp32.")
-    return choices[config.dtype]
 
 
 def seed_everything(seed: int) -> None:
@@ -261,8 +240,8 @@ def expert_storage_label(model: GptOss, dtype: torch.dtype) -> str:
 
 
 def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) -> Run:
-    device = pick_device(config, info)
-    dtype = pick_dtype(config, device)
+    device = pick_device(config.device, info.local_rank)
+    dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed)
     output = prepare_output(config, info)
     schedule, eval_set = load_data(config, output, info)
