@@ -124,3 +124,41 @@ def test_mxfp4_init_stores_quantized_experts(tmp_path: Path) -> None:
     # Dequantized MXFP4 values are (e2m1 value) * 2^k: at most 3 significant bits.
     mantissas = torch.frexp(experts[experts != 0]).mantissa.abs()
     assert torch.isin(mantissas, torch.tensor([0.5, 0.75])).all()
+
+
+def test_random_on_load_writes_no_weights_and_draws_the_same_model(tmp_path: Path) -> None:
+    path = init_model("tiny", tmp_path / "drawn", seed=1, random_on_load=True, progress=False)
+    assert not list(path.glob("*.safetensors")) and (path / "tokenizer.json").is_file()
+    dense = load_checkpoint(path, torch.float32, "cpu", "bf16")
+    again = load_checkpoint(path, torch.float32, "cpu", "bf16")
+    quantized = load_checkpoint(path, torch.float32, "cpu", "auto")  # MXFP4 experts: kept on a GPU only
+    kept = load_checkpoint(path, torch.float32, "cpu", "mxfp4")
+    assert not quantized.model.layers[0].mlp.experts.is_mxfp4("gate_up_proj")
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    for layer, kept_layer in zip(dense.model.layers, kept.model.layers, strict=True):
+        for projection in ("gate_up_proj", "down_proj"):
+            assert kept_layer.mlp.experts.is_mxfp4(projection)
+            torch.testing.assert_close(
+                kept_layer.mlp.experts.dense(projection),
+                getattr(layer.mlp.experts, projection),
+                rtol=0,
+                atol=0,
+            )
+    other = init_model("tiny", tmp_path / "other", seed=2, random_on_load=True, progress=False)
+    other_model = load_checkpoint(other, torch.float32, "cpu", "bf16")
+    assert not torch.equal(other_model.lm_head.weight, dense.lm_head.weight)
+    assert float(dense.model.norm.weight.detach().min()) == 1.0
+
+
+def test_mxfp4_codes_drawn_directly_match_the_random_on_load_model(tmp_path: Path) -> None:
+    written = init_model(
+        "tiny", tmp_path / "codes", seed=4, mxfp4=True, draw_mxfp4_codes=True, progress=False
+    )
+    drawn = init_model("tiny", tmp_path / "drawn", seed=4, random_on_load=True, progress=False)
+    assert json.loads((written / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    first = load_checkpoint(written, torch.bfloat16, "cpu", "mxfp4").state_dict()
+    second = load_checkpoint(drawn, torch.bfloat16, "cpu", "mxfp4").state_dict()
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

@@ -17,6 +17,7 @@ from gptoss_tune.config import TrainConfig, resolve_config
 from gptoss_tune.data.pack import collate
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.model.checkpoint import load_checkpoint
+from gptoss_tune.model.init import init_model
 from gptoss_tune.model.lora import LoraOptions, apply_lora
 from gptoss_tune.train.data import load_examples
 from gptoss_tune.train.loop import train
@@ -196,9 +197,12 @@ def test_recipe_and_command_line_overrides(tmp_path):
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_path, sharding):
+    model = tiny_model_dir
+    if sharding == "fsdp":  # every rank draws the same weights, then keeps its slice
+        model = init_model("tiny", tmp_path / "drawn", seed=5, random_on_load=True, progress=False)
     common = [
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--data",
         str(short_chats),
         "--tokens-per-batch",

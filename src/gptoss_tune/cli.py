@@ -180,11 +180,22 @@ def init_model(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
     preset: Annotated[str, typer.Option(help="Architecture: tiny (CPU tests, demo), 20b, 120b.")] = "tiny",
     mxfp4: Annotated[
-        bool, typer.Option(help="Store the experts in MXFP4, like the published checkpoints.")
+        bool,
+        typer.Option(
+            help="Store the experts in MXFP4, like the published checkpoints (20b / 120b: random MXFP4 codes "
+            "drawn directly, seconds instead of quantizing for half an hour)."
+        ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
     dtype: Annotated[str, typer.Option(help="Dtype of the non-MXFP4 weights: bf16 or fp32.")] = "bf16",
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    random_on_load: Annotated[
+        bool,
+        typer.Option(
+            help="Write no weights: whatever loads the folder draws them (seeded, MXFP4 experts) on its own "
+            "device. For benchmarks of the full-size shapes without writing tens of GB."
+        ),
+    ] = False,
 ) -> None:
     """Write a complete gpt-oss checkpoint with random weights (config, safetensors, tokenizer, chat template)."""
     import torch
@@ -194,10 +205,17 @@ def init_model(
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise GptossTuneError(f"Unknown --dtype '{dtype}': use bf16 or fp32.")
-    path = write_model(preset, output, mxfp4=mxfp4, seed=seed, dtype=dtypes[dtype], overwrite=overwrite)
-    console.print(
-        f"[bold]wrote[/bold] {path}: random {preset} gpt-oss" + (" (MXFP4 experts)" if mxfp4 else "")
+    path = write_model(
+        preset,
+        output,
+        mxfp4=mxfp4,
+        seed=seed,
+        dtype=dtypes[dtype],
+        overwrite=overwrite,
+        random_on_load=random_on_load,
     )
+    kind = " (weights drawn at load)" if random_on_load else " (MXFP4 experts)" if mxfp4 else ""
+    console.print(f"[bold]wrote[/bold] {path}: random {preset} gpt-oss{kind}")
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -419,6 +437,13 @@ def bench(
             help="With --gpus: also train 1 GPU with the largest N's global batch and compare losses."
         ),
     ] = False,
+    sharding: Annotated[
+        str,
+        typer.Option(
+            help="With --gpus: ddp (each GPU holds the model) or fsdp (FSDP2 shards it; for models that do "
+            "not fit one GPU, e.g. 120b with bf16 experts on 2 GPUs)."
+        ),
+    ] = "ddp",
     expert_storage: Annotated[
         str,
         typer.Option(
@@ -465,6 +490,7 @@ def bench(
         seed=seed,
         device=device,
         expert_storage=expert_storage,
+        sharding=sharding,
     )
     options = with_defaults_for_long_context(options, recipes_given=recipes is not None)
     if gpus:

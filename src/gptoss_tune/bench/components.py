@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gptoss_tune.kernels import FastPaths, FlexAttention, FusedLinearCrossEntropy, GroupedExperts
+from gptoss_tune.kernels.moe import grouped_mm, sort_by_expert
 from gptoss_tune.model.gpt_oss import (
     GptOss,
     chunked_causal_lm_loss,
@@ -89,7 +90,47 @@ def expert_timings(model: GptOss, tokens: int, device: torch.device, kernels: Fa
         _timed("experts: eager loop", tokens, run_with(eager_experts), device),
         _timed("experts: grouped_mm", tokens, run_with(GroupedExperts(compile=False)), device),
         _timed("experts: grouped_mm + compiled epilogues", tokens, run_with(compiled), device),
+        base_gemm_floor(layer.experts, tokens, indices, device),
     ]
+
+
+def base_gemm_floor(experts, tokens: int, indices: Tensor, device: torch.device) -> dict:
+    """The four base grouped GEMMs of a layer's experts alone (gate_up and down forward, and their
+    input gradients), on the same routing: what any grouped-GEMM implementation must spend. The gap
+    to the full experts row is routing, LoRA, bias, activation and the weighted sum."""
+    routing = sort_by_expert(indices, experts.num_experts)
+    gate_up, down = experts.gate_up_weight().bfloat16(), experts.down_weight().bfloat16()
+    rows = torch.randn(routing.tokens.numel(), gate_up.shape[1], device=device, dtype=torch.bfloat16)
+    activated = torch.randn(rows.shape[0], down.shape[1], device=device, dtype=torch.bfloat16)
+
+    def run() -> None:
+        gate_up_out = grouped_mm(rows, gate_up, routing.offsets)
+        down_out = grouped_mm(activated, down, routing.offsets)
+        grouped_mm(gate_up_out, gate_up.transpose(-2, -1), routing.offsets)
+        grouped_mm(down_out, down.transpose(-2, -1), routing.offsets)
+
+    milliseconds = time_calls(run, device)
+    flops = 4 * rows.shape[0] * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2])
+    return {
+        "component": f"experts: the 4 base grouped GEMMs alone ({flops / milliseconds / 1e9:,.0f} TFLOP/s)",
+        "tokens": tokens,
+        "ms": round(milliseconds, 2),
+        "peak_mib": None,
+    }
+
+
+def time_calls(run: Callable[[], None], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Milliseconds per call of `run` (no autograd)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run()
+        end.record()
+        torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / repeats
 
 
 def attention_timings(

@@ -78,6 +78,7 @@ class BenchOptions:
     seed: int = 0
     device: str = "auto"
     expert_storage: str = "bf16"  # or "mxfp4": random MXFP4 experts kept quantized, ours only
+    sharding: str = "ddp"  # --gpus runs: ddp, or fsdp (FSDP2) for models that do not fit one GPU
 
     def validate(self) -> BenchOptions:
         unknown = [name for name in self.recipes if name not in RECIPES]
@@ -94,6 +95,8 @@ class BenchOptions:
                 f"({', '.join(transformers_recipes)}) need dense bf16 experts. Pass --recipes ours[,ours-eager], "
                 "or --expert-storage bf16."
             )
+        if self.sharding not in ("ddp", "fsdp"):
+            raise GptossTuneError(f"Unknown --sharding '{self.sharding}'; choose ddp or fsdp.")
         if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")
         if self.layers is not None and self.layers < 1:

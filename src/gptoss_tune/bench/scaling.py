@@ -1,12 +1,16 @@
 """`gptoss-tune bench --gpus 1,2,4`: data-parallel scaling of the real trainer.
 
-Writes one random checkpoint of the bench architecture and one Multilingual-Thinking-shaped
+Writes one random-on-load checkpoint of the bench architecture (config only: every process draws
+the same weights on its GPU, `gptoss_tune.model.random_weights`) and one Multilingual-Thinking-shaped
 dataset, then runs `gptoss-tune train --gpus N` (torchrun + DDP, the product's own path) for each N
 in the same session, and compares real tokens/s. Each GPU gets micro-batches of the same size, so
 N GPUs do N times the work per step (weak scaling): ideal speed-up is N.
 
 With `equivalence`, it also trains 1 GPU with N micro-batches per step (gradient accumulation)
-against N GPUs with one each: the same global batch, so the loss curves must agree.
+against N GPUs with one each: the same global batch, so the loss curves and the adapters must agree.
+
+With sharding "fsdp" every run shards the model over its GPUs (FSDP2, for models whose weights do
+not fit one GPU); a 1-GPU run is then impossible, so there is no speed-up column.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from gptoss_tune.data.synthetic import make_synthetic_rows, write_jsonl
-from gptoss_tune.model.checkpoint import save_checkpoint
-from gptoss_tune.model.init import random_weights
-from gptoss_tune.model.presets import preset_init_scales
+from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import atomic_directory, write_json
+from gptoss_tune.model.checkpoint import checkpoint_config
+from gptoss_tune.model.random_weights import RandomWeights
 
 UNTIMED_STEPS = 3  # compile warm-up and the first DDP bucket rebuild
 
@@ -38,20 +44,41 @@ class ScalingRow:
     tokens_per_s_per_gpu: float | None = None
     speedup: float | None = None
     losses: list[float] | None = None
-    peak_note: str = ""
+    peak_gib: float | None = None  # rank 0's peak GPU memory, weights included
+    sharding: str = "ddp"
+    output: str = ""  # the run's folder (metrics.jsonl, adapter/)
 
 
 def write_bench_checkpoint(config, directory: Path, seed: int) -> Path:
+    """A random-on-load checkpoint: config.json and the seed, no weights."""
     if (directory / "config.json").is_file():
         return directory
-    tensors = random_weights(config, preset_init_scales("20b"), seed, torch.bfloat16)
-    return save_checkpoint(tensors, config, directory, dtype=torch.bfloat16)
+    with atomic_directory(directory) as folder:
+        RandomWeights(seed=seed, lm_head_std=config.hidden_size**-0.5).write(folder)
+        write_json(folder / "config.json", checkpoint_config(config, torch.bfloat16, mxfp4=True))
+    return directory
 
 
-def step_speeds(metrics: Path) -> tuple[list[float], list[float]]:
+def read_metrics(metrics: Path) -> tuple[list[float], list[float], float | None]:
+    """(tokens/s of the timed steps, loss of every step, peak GiB) of a run's metrics.jsonl."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     train = [r for r in records if r.get("kind") == "train"]
-    return [r["tokens_per_s"] for r in train[UNTIMED_STEPS:]], [r["loss"] for r in train]
+    peaks = [r["peak_gib"] for r in train if "peak_gib" in r]
+    return (
+        [r["tokens_per_s"] for r in train[UNTIMED_STEPS:]],
+        [r["loss"] for r in train],
+        max(peaks, default=None),
+    )
+
+
+def adapter_difference(first: Path, second: Path) -> float:
+    """||a - b|| / ||a|| over all tensors of two adapters' safetensors (same names)."""
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    if a.keys() != b.keys():
+        raise ValueError(f"{first} and {second} hold different adapter tensors")
+    difference = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
+    norm = sum(float(a[k].double().square().sum()) for k in a)
+    return (difference / norm) ** 0.5 if norm else float("inf")
 
 
 def train_command(
@@ -63,6 +90,8 @@ def train_command(
     tokens_per_batch: int,
     steps: int,
     memory_budget_gib: float | None,
+    sharding: str = "ddp",
+    expert_storage: str = "bf16",
 ) -> list[str]:
     command = [
         sys.executable,
@@ -93,8 +122,12 @@ def train_command(
         "1e-4",
         "--log-every",
         "1",
+        "--sharding",
+        sharding,
+        "--expert-storage",
+        expert_storage,
     ]
-    if memory_budget_gib:
+    if memory_budget_gib and sharding == "ddp":
         command += ["--memory-budget-gib", str(memory_budget_gib)]
     else:
         command += ["--gradient-checkpointing"]
@@ -112,20 +145,35 @@ def run_one(workdir: Path, model: Path, data: Path, gpus: int, grad_accum: int, 
         options.tokens_per_batch,
         UNTIMED_STEPS + options.steps,
         options.memory_budget_gib,
+        options.sharding,
+        options.expert_storage,
     )
     if (output / "adapter").is_dir():  # finished in an earlier invocation with the same workdir
         log(f"reusing {output}")
     else:
         shutil.rmtree(output, ignore_errors=True)  # a run cut short earlier: start it again
         log(" ".join(command))
-        finished = subprocess.run(command, capture_output=True, text=True)
-        (workdir / f"{output.name}.log").write_text(finished.stdout + finished.stderr)
+        log_file = workdir / f"{output.name}.log"
+        with open(log_file, "w") as sink:  # streamed, so a run killed by a time limit leaves its log
+            finished = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
         if finished.returncode != 0:
-            tail = (finished.stderr or finished.stdout).strip().splitlines()[-1:] or ["?"]
-            return ScalingRow(gpus, grad_accum, f"error: {tail[0][:200]}")
-    speeds, losses = step_speeds(output / "metrics.jsonl")
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+            return ScalingRow(
+                gpus, grad_accum, f"error: {tail[0][:200]}", sharding=options.sharding, output=str(output)
+            )
+    speeds, losses, peak = read_metrics(output / "metrics.jsonl")
     speed = statistics.median(speeds) if speeds else None
-    return ScalingRow(gpus, grad_accum, "ok", speed, speed / gpus if speed else None, losses=losses)
+    return ScalingRow(
+        gpus,
+        grad_accum,
+        "ok",
+        speed,
+        speed / gpus if speed else None,
+        losses=losses,
+        peak_gib=peak,
+        sharding=options.sharding,
+        output=str(output),
+    )
 
 
 def run_scaling(
@@ -133,9 +181,14 @@ def run_scaling(
 ) -> list[ScalingRow]:
     from gptoss_tune.bench.run import bench_config
 
+    if options.sharding == "fsdp" and (1 in gpu_counts or equivalence):
+        raise GptossTuneError(
+            "bench --sharding fsdp shards over several GPUs: leave 1 out of --gpus and drop --equivalence "
+            "(compare with --sharding ddp for that)."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     config = bench_config(options.preset, options.layers)
-    log(f"writing a random {options.preset} checkpoint ({config.num_hidden_layers} layers)")
+    log(f"random-on-load {options.preset} checkpoint ({config.num_hidden_layers} layers)")
     model = write_bench_checkpoint(config, workdir / "model", options.seed)
     data = write_jsonl(make_synthetic_rows(rows=1000, seed=options.seed), workdir / "mt-synthetic.jsonl")
     rows: list[ScalingRow] = []
@@ -171,20 +224,23 @@ def environment_line() -> str:
 
 def scaling_table(rows: list[ScalingRow]) -> str:
     lines = [
-        "| GPUs | micro-batches per GPU per step | status | real tok/s | tok/s per GPU | speed-up vs 1 GPU |",
-        "|---|---|---|---|---|---|",
+        "| GPUs | sharding | micro-batches per GPU per step | status | real tok/s | tok/s per GPU "
+        "| speed-up vs 1 GPU | peak GiB (rank 0) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
         lines.append(
-            f"| {r.gpus} | {r.grad_accum} | {r.status} | {fmt(r.tokens_per_s, ',.0f')} | "
-            f"{fmt(r.tokens_per_s_per_gpu, ',.0f')} | {fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} |"
+            f"| {r.gpus} | {r.sharding} | {r.grad_accum} | {r.status} | {fmt(r.tokens_per_s, ',.0f')} | "
+            f"{fmt(r.tokens_per_s_per_gpu, ',.0f')} | {fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} | "
+            f"{fmt(r.peak_gib, '.1f')} |"
         )
     return "\n".join(lines)
 
 
 def equivalence_table(rows: list[ScalingRow]) -> str | None:
-    """Loss per step of N GPUs x 1 micro-batch against 1 GPU x N micro-batches (same global batch)."""
+    """Loss per step of N GPUs x 1 micro-batch against 1 GPU x N micro-batches (same global batch),
+    and how far apart their final adapters are."""
     accumulated = next((r for r in rows if r.gpus == 1 and r.grad_accum > 1 and r.losses), None)
     parallel = next(
         (
@@ -202,4 +258,9 @@ def equivalence_table(rows: list[ScalingRow]) -> str | None:
     ]
     for step, (a, b) in enumerate(zip(parallel.losses, accumulated.losses, strict=False), start=1):
         lines.append(f"| {step} | {a:.5f} | {b:.5f} | {abs(a - b):.2e} |")
+    adapters = [Path(r.output) / "adapter" for r in (parallel, accumulated)]
+    if all((a / "adapter_model.safetensors").is_file() for a in adapters):
+        lines.append(
+            f"\nFinal adapters: ||a - b|| / ||a|| = {adapter_difference(*adapters):.2e} over all LoRA tensors."
+        )
     return "\n".join(lines)

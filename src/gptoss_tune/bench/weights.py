@@ -20,15 +20,11 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.model.gpt_oss import Experts, GptOss
-from gptoss_tune.model.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_SCALE_BIAS, Mxfp4Weight
+from gptoss_tune.model.mxfp4 import MXFP4_BLOCK_SIZE, Mxfp4Weight
+from gptoss_tune.model.random_weights import DEFAULT_STD, RANDOM_SCALE
 
 # Storage of the experts in `gptoss-tune bench --expert-storage`.
 BENCH_EXPERT_STORAGES = ("bf16", "mxfp4")
-
-# Every MXFP4 block scaled by 2^-7: uniform e2m1 codes have rms 2.93, so |w| ~ 0.023, about gpt-oss's
-# initialization (std 0.02) and the published weights' magnitude.
-RANDOM_SCALE = MXFP4_SCALE_BIAS - 7
-DEFAULT_STD = 0.02
 
 
 def empty_mxfp4_(experts: Experts) -> None:

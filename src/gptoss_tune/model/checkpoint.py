@@ -42,6 +42,7 @@ from gptoss_tune.model.mxfp4 import (
     resolve_expert_storage,
 )
 from gptoss_tune.model.presets import MXFP4_MODULES_NOT_CONVERTED
+from gptoss_tune.model.random_weights import RandomWeights, drawn_tensors
 
 # Our names of the tensors that MXFP4 checkpoints store quantized.
 QUANTIZED_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -187,8 +188,18 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 
 
 def checkpoint_has_mxfp4_experts(path: str | Path) -> bool:
-    """Whether the checkpoint at `path` stores (some) expert weights as MXFP4 `_blocks` / `_scales`."""
+    """Whether the checkpoint at `path` stores (some) expert weights as MXFP4 `_blocks` / `_scales`
+    (a random-on-load checkpoint draws MXFP4 experts)."""
+    if _random_weights_spec(Path(path)) is not None:
+        return True
     return any(name.endswith("_blocks") for name in _tensor_files(Path(path)))
+
+
+def _random_weights_spec(path: Path) -> RandomWeights | None:
+    try:
+        return RandomWeights.read(path)
+    except ValueError as exc:
+        raise GptossTuneError(str(exc)) from None
 
 
 def iter_checkpoint_tensors(
@@ -206,8 +217,14 @@ def iter_stored_tensors(
     path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Iterator[tuple[str, Tensor | Mxfp4Weight]]:
     """Like `iter_checkpoint_tensors`, but MXFP4 experts come as they are stored: an `Mxfp4Weight`
-    (blocks and scales, read straight to `device`) under our name of the dense weight."""
+    (blocks and scales, read straight to `device`) under our name of the dense weight.
+
+    A random-on-load checkpoint (`gptoss_tune.model.random_weights`) draws its tensors on `device`."""
     path = Path(path)
+    spec = _random_weights_spec(path)
+    if spec is not None:
+        yield from drawn_tensors(read_config(path), spec, dtype, device)
+        return
     files = _tensor_files(path)
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}

@@ -22,7 +22,9 @@ from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.harmony.hf_tokenizer import build_hf_tokenizer
 from gptoss_tune.model.checkpoint import GENERATION_CONFIG, checkpoint_config, write_weights
 from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.mxfp4 import Mxfp4Weight
 from gptoss_tune.model.presets import InitScales, preset_config, preset_init_scales
+from gptoss_tune.model.random_weights import RandomWeights, drawn_tensors
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|startoftext|>", "<|return|>", "<|endoftext|>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -113,6 +115,16 @@ def init_weights_(model: GptOss, scales: InitScales, seed: int = 0) -> GptOss:
     return model
 
 
+def stored_pairs(tensors: Iterator[tuple[str, Tensor | Mxfp4Weight]]) -> Iterator[tuple[str, Tensor]]:
+    """MXFP4 weights as the `X_blocks` / `X_scales` pairs that `write_weights` stores as they are."""
+    for name, tensor in tensors:
+        if isinstance(tensor, Mxfp4Weight):
+            yield f"{name}_blocks", tensor.blocks
+            yield f"{name}_scales", tensor.scales
+        else:
+            yield name, tensor
+
+
 def _with_progress(
     tensors: Iterator[tuple[str, Tensor]], total: int, description: str, enabled: bool
 ) -> Iterator[tuple[str, Tensor]]:
@@ -121,7 +133,11 @@ def _with_progress(
         task = progress.add_task(description, total=total)
         for name, tensor in tensors:
             yield name, tensor
-            progress.advance(task, tensor.numel())
+            # MXFP4 blocks hold two values per byte; their scales count as no values
+            values = (
+                0 if name.endswith("_scales") else tensor.numel() * (2 if name.endswith("_blocks") else 1)
+            )
+            progress.advance(task, values)
 
 
 def init_model(
@@ -132,24 +148,51 @@ def init_model(
     dtype: torch.dtype = torch.bfloat16,
     overwrite: bool = False,
     progress: bool = True,
+    random_on_load: bool = False,
+    draw_mxfp4_codes: bool | None = None,
 ) -> Path:
     """Write a complete random-weight checkpoint of `preset` (tiny, 20b, 120b) to `output_dir`.
 
     With `mxfp4`, the experts are stored as MXFP4 like the published checkpoints; the rest is in
-    `dtype`. Returns the output directory.
+    `dtype`. With `draw_mxfp4_codes` (default: for the full-size presets) they are then drawn as
+    random MXFP4 codes, as `random_on_load` draws them, not quantized from normal weights (which
+    would take half an hour for 20b on a CPU).
+    With `random_on_load`, no weights are written: the loader draws them on its device
+    (`gptoss_tune.model.random_weights`; MXFP4 experts, lm_head at std 1/sqrt(hidden) so logits have
+    unit scale). Returns the output directory.
     """
     config = preset_config(preset)
     scales = preset_init_scales(preset)
     total = sum(torch.Size(shape).numel() for _, shape in _parameter_shapes(config))
     with atomic_directory(output_dir, overwrite=overwrite) as directory:
-        tensors = _with_progress(
-            random_weights(config, scales, seed, dtype), total, f"Writing random {preset} weights", progress
-        )
-        write_weights(directory, tensors, dtype, mxfp4)
-        write_json(directory / "config.json", checkpoint_config(config, dtype, mxfp4))
+        if random_on_load:
+            RandomWeights(seed=seed, std=scales.default, lm_head_std=config.hidden_size**-0.5).write(
+                directory
+            )
+        else:
+            if draw_mxfp4_codes is None:
+                draw_mxfp4_codes = preset != "tiny"
+            if mxfp4 and draw_mxfp4_codes:
+                drawn = RandomWeights(seed=seed, std=scales.default, lm_head_std=config.hidden_size**-0.5)
+                stream = stored_pairs(drawn_tensors(config, drawn, dtype, "cpu"))
+            else:
+                stream = random_weights(config, scales, seed, dtype)
+            tensors = _with_progress(stream, total, f"Writing random {preset} weights", progress)
+            write_weights(directory, tensors, dtype, mxfp4)
+        write_json(directory / "config.json", checkpoint_config(config, dtype, mxfp4 or random_on_load))
         write_json(directory / "generation_config.json", GENERATION_CONFIG)
         write_tokenizer_files(directory)
         (directory / "gptoss_tune_init.json").write_text(
-            json.dumps({"preset": preset, "seed": seed, "mxfp4": mxfp4, "dtype": str(dtype)}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "preset": preset,
+                    "seed": seed,
+                    "mxfp4": mxfp4 or random_on_load,
+                    "dtype": str(dtype),
+                    "random_on_load": random_on_load,
+                },
+                indent=2,
+            )
+            + "\n"
         )
     return Path(output_dir)

@@ -431,6 +431,8 @@ def _train(config: TrainConfig, info: dist.DistInfo, log, progress) -> TrainResu
         record = train_step(run, step)
         now = time.perf_counter()
         record["tokens_per_s"] = record["tokens"] / max(now - step_started, 1e-9)
+        if run.device.type == "cuda":  # this rank's peak so far, weights included
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         step_started = now
         done = record["step"]
         tokens_seen += record["tokens"]

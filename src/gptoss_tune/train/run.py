@@ -34,6 +34,8 @@ def run_training(config: TrainConfig, console: Console) -> TrainResult:
 
         def progress(done: int, total: int, record: dict) -> None:
             stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+            if "peak_gib" in record:
+                stats += f"  peak {record['peak_gib']:.1f} GiB"
             bar.update(task, completed=done, total=total, stats=stats)
 
         result = train(config, log=lambda text: bar.console.print(text), progress=progress)

@@ -63,13 +63,14 @@ def build_fsdp(
     root = LossModule(model)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     root.to_empty(device=device)
-    _fill_from_checkpoint(model, path, dtype)
+    _fill_from_checkpoint(model, path, dtype, device)
     return root, model, {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _fill_from_checkpoint(model: GptOss, path, dtype: torch.dtype) -> None:
+def _fill_from_checkpoint(model: GptOss, path, dtype: torch.dtype, device: torch.device) -> None:
+    """Each full tensor is read (or drawn) on this rank's device, and only its slice is kept."""
     expected = {name for name, p in model.named_parameters() if not p.requires_grad}
-    for name, tensor in iter_checkpoint_tensors(path, dtype, "cpu"):
+    for name, tensor in iter_checkpoint_tensors(path, dtype, device):
         if name not in expected:
             raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
         assign_full_(model.get_parameter(name), tensor)
