@@ -17,6 +17,7 @@ cat "$W/versions.txt"
 
 bench() { python3 -m gptoss_tune bench "$@"; }
 
-finish() {
-  tar czf "$OUT/results.tgz" -C "$OUT" w && rm -rf "$W"
+finish() {  # logs, tables and metrics only: checkpoints and adapters of big models stay behind
+  (cd "$OUT" && find w -type f \( -name '*.log' -o -name '*.md' -o -name '*.json' -o -name '*.txt' \
+    -o -name 'metrics.jsonl' \) -size -20M | tar czf results.tgz -T -) && rm -rf "$W"
 }
