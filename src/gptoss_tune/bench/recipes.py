@@ -28,13 +28,16 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.bench.data import BenchData, Example, PaddedBatch, pad_examples
-from gptoss_tune.bench.weights import expert_storage_of
 from gptoss_tune.data.pack import MicroBatch, collate
 from gptoss_tune.harmony import tokens as T
-from gptoss_tune.kernels import FastPaths, enable_fast_paths, plan_activation_checkpointing
+from gptoss_tune.kernels import (
+    FastPaths,
+    compile_mxfp4_dequantization,
+    enable_fast_paths,
+    plan_activation_checkpointing,
+)
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import ATTENTION_TARGETS, EXPERT_TARGETS, LoraOptions, apply_lora
-from gptoss_tune.model.mxfp4 import compiled_dequantize_experts
 
 # A fresh GptOss over the shared base weights (no copy), frozen, without adapters or kernels.
 ModelFactory = Callable[[], GptOss]
@@ -232,10 +235,7 @@ class OursRecipe(Recipe):
         else:  # reuse the compiled kernels of an earlier setup
             model.set_kernels(self.kernels.attention, self.kernels.experts, self.kernels.loss)
         self.notes["kernels"] = self.kernels.describe()
-        if self.options.compile and self.device.type == "cuda" and expert_storage_of(model) != "bf16":
-            # MXFP4 experts: dequantize each layer in one fused kernel (bit-identical to the eager one).
-            for layer in model.model.layers:
-                layer.mlp.experts.dequantize_fn = compiled_dequantize_experts
+        if self.options.compile and compile_mxfp4_dequantization(model):
             self.notes["dequantize"] = "compiled"
         budget = self.options.memory_budget_bytes
         if self.device.type == "cuda" and budget is not None:

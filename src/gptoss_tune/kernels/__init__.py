@@ -6,7 +6,8 @@
   in forward (two lm_head GEMMs per trained token instead of three).
 - `memory.plan_activation_checkpointing`: checkpoint only the layers the memory budget needs.
 
-`enable_fast_paths(model)` installs the first three; call it after the adapters are attached.
+`enable_fast_paths(model)` installs the first three (and, compiled, the one-kernel MXFP4
+dequantization); call it after the adapters are attached.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntro
 from gptoss_tune.kernels.memory import plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
 from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.mxfp4 import compiled_dequantize_experts
 
 __all__ = [
     "FastPaths",
     "FlexAttention",
     "FusedLinearCrossEntropy",
     "GroupedExperts",
+    "compile_mxfp4_dequantization",
     "enable_fast_paths",
     "plan_activation_checkpointing",
 ]
@@ -66,4 +69,20 @@ def enable_fast_paths(
         loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
     )
     model.set_kernels(attention=installed.attention, experts=installed.experts, loss=installed.loss)
+    if compile:
+        compile_mxfp4_dequantization(model)
     return installed
+
+
+def compile_mxfp4_dequantization(model: GptOss) -> bool:
+    """MXFP4-stored experts dequantize each layer in one compiled kernel (bit-identical to the eager
+    one, several times faster: it runs for every layer in forward, backward and recompute).
+    Returns whether any layer stores MXFP4 experts on a GPU (on a CPU the eager one stays)."""
+    found = False
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        on_gpu = experts.gate_up_proj_bias.device.type == "cuda"
+        if on_gpu and any(experts.is_mxfp4(name) for name in experts.PROJECTIONS):
+            experts.dequantize_fn = compiled_dequantize_experts
+            found = True
+    return found
