@@ -20,8 +20,9 @@ from gptoss_tune.bench.flops import (
     visible_pairs,
 )
 from gptoss_tune.bench.recipes import packed_document_lengths, shared_targets
-from gptoss_tune.bench.report import markdown
+from gptoss_tune.bench.report import loss_gap_tolerance, markdown, throughput_table
 from gptoss_tune.bench.run import (
+    LOSS_GAP_TOLERANCE,
     Bench,
     BenchOptions,
     RecipeResult,
@@ -187,6 +188,20 @@ def test_loss_gaps_are_measured_against_the_cookbook() -> None:
     }
     assert compare_token_losses(results, losses) == "cookbook"
     assert [r.loss_gap for r in results] == pytest.approx([0.1, 0.4, 0.0])
+
+
+def test_disagreement_is_judged_against_the_noise_between_the_transformers_recipes() -> None:
+    def gaps(ours: float, stock: float | None) -> list[RecipeResult]:
+        results = [RecipeResult("ours", "", loss_gap=ours), RecipeResult("cookbook", "", loss_gap=0.0)]
+        if stock is not None:
+            results.insert(1, RecipeResult("stock", "", loss_gap=stock))
+        return results
+
+    assert loss_gap_tolerance(gaps(0.3, None)) == LOSS_GAP_TOLERANCE
+    assert loss_gap_tolerance(gaps(0.3, 0.26)) == pytest.approx(0.39)  # deep model: more bf16 noise
+    assert "0.3000 (disagrees)" in throughput_table(gaps(0.3, 0.1))
+    assert "0.3000 |" in throughput_table(gaps(0.3, 0.26))
+    assert "1.0000 (disagrees)" in throughput_table(gaps(1.0, 0.26))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,11 +26,21 @@ def _ratio(result: RecipeResult, baseline: RecipeResult | None) -> str:
     return f"{result.tokens_per_s / baseline.tokens_per_s:.2f}x"
 
 
-def _loss_gap(result: RecipeResult) -> str:
+def _loss_gap(result: RecipeResult, tolerance: float) -> str:
     if result.loss_gap is None:
         return "–"
-    flag = "" if result.loss_gap <= LOSS_GAP_TOLERANCE else " (disagrees)"
+    flag = "" if result.loss_gap <= tolerance else " (disagrees)"
     return f"{result.loss_gap:.4f}{flag}"
+
+
+def loss_gap_tolerance(results: list[RecipeResult]) -> float:
+    """LOSS_GAP_TOLERANCE, or 1.5 x the gap between stock and cookbook when both ran: the two
+    transformers recipes compute the same function, so their gap is the bf16 noise of this run
+    (it grows with depth: 0.15 at 4 layers, 0.26 at 24 on random weights)."""
+    stock = _baseline(results, "stock")
+    if stock is not None and stock.loss_gap is not None and _baseline(results, "cookbook") is not None:
+        return max(LOSS_GAP_TOLERANCE, 1.5 * stock.loss_gap)
+    return LOSS_GAP_TOLERANCE
 
 
 def _baseline(results: list[RecipeResult], name: str) -> RecipeResult | None:
@@ -39,6 +49,7 @@ def _baseline(results: list[RecipeResult], name: str) -> RecipeResult | None:
 
 def throughput_table(results: list[RecipeResult]) -> str:
     cookbook, stock = _baseline(results, "cookbook"), _baseline(results, "stock")
+    tolerance = loss_gap_tolerance(results)
     header = (
         "| recipe | status | real tok/s | MFU | peak GiB | first-step loss | shared-batch loss "
         "| per-token loss gap | vs cookbook | vs stock | checkpointed layers | padding |"
@@ -48,7 +59,7 @@ def throughput_table(results: list[RecipeResult]) -> str:
         lines.append(
             f"| {r.recipe} | {r.status} | {_number(r.tokens_per_s)} | {_number(r.mfu and 100 * r.mfu, 1, '%')} "
             f"| {_number(r.peak_gib, 1)} | {_number(r.first_loss, 4)} | {_number(r.shared_loss, 4)} "
-            f"| {_loss_gap(r)} | {_ratio(r, cookbook)} | {_ratio(r, stock)} "
+            f"| {_loss_gap(r, tolerance)} | {_ratio(r, cookbook)} | {_ratio(r, stock)} "
             f"| {r.notes.get('checkpointed_layers', '–')} | {_number(r.padding_fraction and 100 * r.padding_fraction, 1, '%')} |"
         )
     return "\n".join(lines)
