@@ -261,7 +261,9 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_p
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): for a near-zero gradient, summation-order rounding (thread count,
+        # FSDP's fp32 reduce-scatter) moves an element by a few 1e-6 after 3 steps.
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5)
 
 
 def test_mxfp4_expert_storage_trains_exactly_like_dense(short_chats, tmp_path):
