@@ -19,7 +19,7 @@ from gptoss_tune.bench.flops import (
     peak_tflops_for,
     visible_pairs,
 )
-from gptoss_tune.bench.recipes import packed_document_lengths, shared_targets
+from gptoss_tune.bench.recipes import StepBatch, as_step, packed_document_lengths, shared_targets
 from gptoss_tune.bench.report import loss_gap_tolerance, markdown, throughput_table
 from gptoss_tune.bench.run import (
     LOSS_GAP_TOLERANCE,
@@ -29,6 +29,7 @@ from gptoss_tune.bench.run import (
     compare_token_losses,
     run_guarded,
     with_defaults_for_long_context,
+    with_shape_warmup,
 )
 from gptoss_tune.bench.weights import expert_storage_of, random_model, shared_copy
 from gptoss_tune.cli import app
@@ -375,3 +376,17 @@ def test_bench_refuses_transformers_recipes_with_mxfp4_experts(tmp_path) -> None
     result = CliRunner().invoke(app, [*arguments, "--device", "cpu", "--output", str(tmp_path)])
     assert result.exit_code != 0
     assert isinstance(result.exception, GptossTuneError) and "mxfp4 runs only" in str(result.exception)
+
+
+def test_padded_shapes_get_one_untimed_step_each_before_timing() -> None:
+    def batch(rows: int, length: int) -> StepBatch:
+        payload = pad_examples([([1] * length, [1] * length)] * rows)
+        return as_step(payload)
+
+    planned = [batch(2, 8), batch(2, 8), batch(1, 16), batch(2, 8), batch(4, 4), batch(1, 16)]
+    steps, untimed = with_shape_warmup(planned, warmup=2)
+    assert untimed == 4  # 2 warm-up steps + the (1, 16) and (4, 4) shapes once each
+    shapes = [tuple(b.payload.input_ids.shape) for b in steps]
+    assert shapes[:4] == [(2, 8), (2, 8), (1, 16), (4, 4)]
+    assert steps[4:] == planned[2:]  # then every planned timed step, in order
+    assert with_shape_warmup(planned, warmup=0) == (planned, 0)  # the first step stays the shared batch

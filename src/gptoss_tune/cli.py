@@ -310,10 +310,12 @@ def train(
         bool, typer.Option(help="Recompute layer activations in backward.")
     ] = False,
     memory_budget_gib: Annotated[
-        float | None,
+        str | None,
         typer.Option(
-            help="GPU memory budget (GiB): measure a layer and checkpoint only as many layers as the budget "
-            "needs (overrides --gradient-checkpointing)."
+            help="GPU memory budget in GiB, or auto (what the GPU has free less 8% of it): measure a layer and "
+            "checkpoint only as many layers as the budget needs (overrides --gradient-checkpointing; DDP and "
+            "one GPU only).",
+            show_default="none",
         ),
     ] = None,
     kernels: Annotated[

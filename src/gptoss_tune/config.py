@@ -61,7 +61,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
-    memory_budget_gib: float | None = None  # GPU: checkpoint only as many layers as this budget needs
+    # GPU: checkpoint only as many layers as this budget needs; "auto": the GPU's free memory less headroom
+    memory_budget_gib: float | str | None = None
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
     gpus: int = 1
     sharding: str = "ddp"
@@ -86,6 +87,7 @@ class TrainConfig:
             raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
         if self.sharding not in ("ddp", "fsdp"):
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
+        self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)
         if self.schedule not in SCHEDULES:
             raise GptossTuneError(f"Unknown --schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
         positive = ("lora_rank", "tokens_per_batch", "grad_accum", "epochs", "keep_last", "log_every", "gpus")
@@ -126,6 +128,21 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             f"{path}: unknown option(s) {', '.join(unknown)}. Known: {', '.join(option_names())}."
         )
     return values
+
+
+def parse_memory_budget(value: float | str | None) -> float | str | None:
+    """None, "auto", or a positive number of GiB (numbers may come as text from the command line)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise GptossTuneError(
+            f"--memory-budget-gib takes a number of GiB or 'auto', got '{value}'."
+        ) from None
+    if budget <= 0:
+        raise GptossTuneError("--memory-budget-gib must be positive (leave it out for no budget).")
+    return budget
 
 
 def resolve_config(recipe: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:

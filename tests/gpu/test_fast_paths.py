@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
-from gptoss_tune.kernels.memory import measure_layer_memory, plan_activation_checkpointing
+from gptoss_tune.kernels.memory import auto_budget_bytes, measure_layer_memory, plan_activation_checkpointing
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
@@ -309,3 +309,17 @@ def test_checkpointing_plan_follows_the_budget(flex, grouped) -> None:
     assert plan_activation_checkpointing(model, LENGTH, roomy) == []
     assert plan_activation_checkpointing(model, LENGTH, torch.cuda.memory_allocated()) == [0, 1]
     assert model.model.checkpointed_layers == frozenset({0, 1})
+
+
+def test_auto_memory_budget_counts_our_memory_and_leaves_headroom() -> None:
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    before = auto_budget_bytes(device)
+    held = torch.empty(
+        256 * 2**20, dtype=torch.uint8, device=device
+    )  # our own allocation stays in the budget
+    after = auto_budget_bytes(device)
+    assert abs(after - before) < 64 * 2**20
+    assert torch.cuda.memory_allocated(device) < before < torch.cuda.memory_reserved(device) + free
+    assert before <= 0.93 * total
+    del held

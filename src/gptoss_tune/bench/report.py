@@ -104,7 +104,7 @@ def describe_meta(meta: dict) -> str:
             if meta.get("long_context")
             else f"{meta['tokens_per_batch']:,} tokens per micro-batch"
         )
-        + f", {meta['warmup']} warm-up + {meta['steps']} timed steps; "
+        + f", {meta['warmup']} warm-up (plus one per new padded shape) + {meta['steps']} timed steps; "
         + (
             f"ours checkpoints layers as a {meta['memory_budget_gib']} GiB budget needs; "
             if meta["memory_budget_gib"]

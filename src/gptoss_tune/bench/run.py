@@ -208,6 +208,24 @@ class Measurement:
     seconds: float = 0.0
 
 
+def with_shape_warmup(planned: list[StepBatch], warmup: int) -> tuple[list[StepBatch], int]:
+    """The steps to run and how many come before the timed ones: after the `warmup` steps, one
+    more untimed step on the first batch of each shape the timed steps will see and the warm-up did
+    not (padded recipes change shape from batch to batch, and transformers' compiled attention
+    recompiles for a new one; a long run pays that once, a few timed steps would pay it every step).
+    Without warm-up steps nothing is added: the first step stays the shared batch."""
+    if warmup == 0:
+        return planned, 0
+    seen = {tuple(b.payload.input_ids.shape) for b in planned[:warmup]}
+    extra = []
+    for batch in planned[warmup:]:
+        shape = tuple(batch.payload.input_ids.shape)
+        if shape not in seen:
+            seen.add(shape)
+            extra.append(batch)
+    return planned[:warmup] + extra + planned[warmup:], warmup + len(extra)
+
+
 def train_steps(
     recipe: Recipe,
     batches: Iterator[StepBatch],
@@ -218,22 +236,24 @@ def train_steps(
     log: Callable[[str], None],
 ) -> Measurement:
     measured = Measurement()
+    planned, untimed = with_shape_warmup([next(batches) for _ in range(warmup + steps)], warmup)
+    if untimed > warmup:
+        result.notes["shape_warmup_steps"] = untimed - warmup
     started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
+    for step, batch in enumerate(planned):
+        if step == untimed:
             synchronize(recipe.device)
             started = time.perf_counter()
-        batch = next(batches)
         loss = recipe.train_step(batch)
         if step == 0:
             result.first_loss = float(loss)
-        if step >= warmup:
+        if step >= untimed:
             measured.tokens += batch.num_tokens
             measured.processed += batch.processed_tokens
             measured.flops += flop_model.training_flops(batch.document_lengths)
             measured.steps += 1
         log(
-            f"  {recipe.name} step {step + 1}/{warmup + steps}: loss {float(loss):.4f}, {batch.num_tokens} tokens"
+            f"  {recipe.name} step {step + 1}/{len(planned)}: loss {float(loss):.4f}, {batch.num_tokens} tokens"
         )
     synchronize(recipe.device)
     measured.seconds = time.perf_counter() - started

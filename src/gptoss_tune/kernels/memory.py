@@ -22,6 +22,7 @@ from gptoss_tune.model.gpt_oss import GptOss, document_ids
 
 GIB = 1024**3
 ADAM_STATE_COPIES = 3  # gradient + two moments, fp32 like the adapters
+AUTO_HEADROOM = 0.08  # of the GPU's memory, kept free by an "auto" budget (allocator slack, NCCL buffers)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ def measure_layer_memory(
     del hidden, output
     checkpointed = tokens * model.config.hidden_size * dtype.itemsize
     return LayerMemory(saved=max(saved, 0), checkpointed=checkpointed, transient=max(peak - saved, 0))
+
+
+def auto_budget_bytes(device: torch.device) -> int:
+    """What this process holds (allocated or cached by PyTorch's allocator) plus what the GPU has
+    free, less AUTO_HEADROOM of its total; memory of other processes is not counted."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(torch.cuda.memory_reserved(device) + free - AUTO_HEADROOM * total)
 
 
 def plan_activation_checkpointing(

@@ -26,6 +26,7 @@ from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import enable_fast_paths, plan_activation_checkpointing
+from gptoss_tune.kernels.memory import auto_budget_bytes
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import (
@@ -220,9 +221,14 @@ def build_model(
     reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
     use_kernels(model, config, device)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
-    if config.memory_budget_gib and device.type == "cuda":
+    if config.memory_budget_gib is not None and device.type == "cuda":
+        budget = (
+            auto_budget_bytes(device)
+            if config.memory_budget_gib == "auto"
+            else int(float(config.memory_budget_gib) * 2**30)
+        )
         # Measures a real layer's forward and backward: before DDP's gradient hooks exist.
-        plan_activation_checkpointing(model, config.tokens_per_batch, int(config.memory_budget_gib * 2**30))
+        plan_activation_checkpointing(model, config.tokens_per_batch, budget)
         for param in params.values():
             param.grad = None
     return model, wrap_ddp(model, device, info), params
@@ -251,6 +257,8 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
         report = trainable_parameter_report(model)
         log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
         log(f"expert storage: {expert_storage_label(model, dtype)}")
+        checkpointed = len(model.model.checkpointed_layers)
+        log(f"activation checkpointing: {checkpointed} of {len(model.model.layers)} layers recomputed")
     optimizer = torch.optim.AdamW(
         list(params.values()),
         lr=config.lr,
