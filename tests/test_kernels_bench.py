@@ -390,3 +390,14 @@ def test_padded_shapes_get_one_untimed_step_each_before_timing() -> None:
     assert shapes[:4] == [(2, 8), (2, 8), (1, 16), (4, 4)]
     assert steps[4:] == planned[2:]  # then every planned timed step, in order
     assert with_shape_warmup(planned, warmup=0) == (planned, 0)  # the first step stays the shared batch
+
+
+def test_experts_profile_lists_the_grouped_gemms(tmp_path) -> None:
+    from gptoss_tune.bench.components import profile_experts
+    from gptoss_tune.kernels import GroupedExperts
+
+    model = GptOss(preset_config("tiny"))
+    apply_lora(model, LoraOptions.from_strings(rank=4, alpha=8, targets="experts"))
+    path = profile_experts(model, 64, torch.device("cpu"), GroupedExperts(compile=False), tmp_path / "p.txt")
+    text = path.read_text()
+    assert text.startswith("experts of one layer, 64 tokens") and "grouped_mm" in text

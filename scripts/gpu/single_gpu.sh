@@ -21,7 +21,7 @@ left() { echo $(( deadline - $(date +%s) )); }
 CUDA_VISIBLE_DEVICES=1 timeout "$LIMIT" python3 -m gptoss_tune bench --preset 20b --tokens-per-batch 16384 \
   --steps 3 --warmup 2 --output "$W/side" --record --record-file "$W/rec-side.md" > "$W/side.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=2 timeout "$LIMIT" python3 -m gptoss_tune bench --preset 20b --recipes ours \
-  --tokens-per-batch 16384 --memory-budget-gib 130 --steps 4 --warmup 2 --components --output "$W/roomy" \
+  --tokens-per-batch 16384 --memory-budget-gib 130 --steps 4 --warmup 2 --components --profile --output "$W/roomy" \
   --record --record-file "$W/rec-roomy.md" > "$W/roomy.log" 2>&1 &
 (
   export CUDA_VISIBLE_DEVICES=3

@@ -421,6 +421,13 @@ def bench(
     components: Annotated[
         bool, typer.Option(help="Also time experts, attention and loss variants on one layer (CUDA).")
     ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            help="With --components: also write the profiler's kernel table of one layer's experts to "
+            "OUTPUT/profile-experts.txt."
+        ),
+    ] = False,
     peak_tflops: Annotated[
         float | None, typer.Option(help="bf16 peak for MFU [default: the GPU's datasheet value]")
     ] = None,
@@ -508,7 +515,7 @@ def bench(
     if record:
         console.print(f"[bold]recorded[/bold] in {record_report(report, _command_line(ctx), record_file)}")
     if components:
-        report.components = runner.time_components()
+        report.components = runner.time_components(output / "profile-experts.txt" if profile else None)
         write_results(report, output)
         console.print(components_table(report.components), markup=False, highlight=False, soft_wrap=True)
     console.print(f"[bold]wrote[/bold] {output}")

@@ -9,6 +9,7 @@ chunk size is best, what FlexAttention gains over the eager reference.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -201,11 +202,45 @@ def loss_timings(model: GptOss, tokens: int, device: torch.device) -> list[dict]
     return timings
 
 
-def time_components(bench: Bench) -> list[dict]:
-    """Timings for the benchmark's micro-batch length (see the module docstring)."""
+def profile_experts(
+    model: GptOss, tokens: int, device: torch.device, experts_fn, path: Path, repeats: int = 3
+) -> Path:
+    """torch.profiler's kernel table of one layer's experts, forward + backward (after one untimed
+    run): where the time beyond the base GEMMs goes. Sorted by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = model.model.layers[0].mlp
+    hidden = torch.randn(tokens, model.config.hidden_size, device=device, requires_grad=True)
+    indices, weights = layer.router(hidden.detach())
+    weights = weights.detach().requires_grad_(True)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=compute, enabled=device.type == "cuda"):
+            experts_fn(layer.experts, hidden.to(compute), indices, weights).float().sum().backward()
+
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+    path.write_text(f"experts of one layer, {tokens} tokens, forward + backward x {repeats}\n\n{table}\n")
+    return path
+
+
+def time_components(bench: Bench, profile_path: Path | None = None) -> list[dict]:
+    """Timings for the benchmark's micro-batch length (see the module docstring); with
+    `profile_path`, also the profiler's kernel table of the fast experts there."""
     device, tokens = bench.device, bench.options.tokens_per_batch
     bench.log("timing components")
     model = _model_with_adapters(bench)
+    if profile_path is not None:
+        experts = bench.kernels.experts if bench.kernels and bench.kernels.experts else GroupedExperts()
+        bench.log(f"profiling the experts -> {profile_experts(model, tokens, device, experts, profile_path)}")
     timings = expert_timings(model, tokens, device, bench.kernels)
     timings += attention_timings(model, tokens, device, bench.kernels)
     timings += loss_timings(model, tokens, device)

@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 from transformers import GptOssConfig
@@ -504,13 +505,14 @@ class Bench:
             self.run_throughput(data)
         return self.report
 
-    def time_components(self) -> list[dict]:
-        """Per-component timings (CUDA; after `run`, which builds the weights and the kernels)."""
+    def time_components(self, profile_path: Path | None = None) -> list[dict]:
+        """Per-component timings (CUDA; after `run`, which builds the weights and the kernels), and
+        with `profile_path` the experts' kernel table written there."""
         if self.device.type != "cuda" or (self.hf_model is None and self.base_model is None):
             return []
         from gptoss_tune.bench.components import time_components
 
-        return time_components(self)
+        return time_components(self, profile_path)
 
 
 def _repeat(batch: StepBatch) -> Iterator[StepBatch]:
