@@ -21,7 +21,7 @@ from transformers import GptOssConfig
 
 from gptoss_tune.model.gpt_oss import Experts, GptOss
 from gptoss_tune.model.mxfp4 import MXFP4_BLOCK_SIZE, Mxfp4Weight
-from gptoss_tune.model.random_weights import DEFAULT_STD, RANDOM_SCALE
+from gptoss_tune.model.random_weights import DEFAULT_STD, fill_codes_, fill_dense_
 
 # Storage of the experts in `gptoss-tune bench --expert-storage`.
 BENCH_EXPERT_STORAGES = ("bf16", "mxfp4")
@@ -46,26 +46,15 @@ def randomize_(
     lm_head_std: float | None = None,
     scale_spread: int = 0,
 ) -> None:
-    """Fill `module` in place, on its device: norms 1, every other parameter (biases, sinks,
-    embeddings included) normal(0, std), lm_head normal(0, lm_head_std or std); MXFP4 codes uniform
-    random bytes, scales uniform in RANDOM_SCALE +- scale_spread (2^-7 when 0)."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name == "lm_head.weight" and lm_head_std is not None:
-                param.normal_(0.0, lm_head_std, generator=generator)
-            else:
-                param.normal_(0.0, std, generator=generator)
-        for name, buffer in module.named_buffers():
-            if name.endswith("_blocks"):
-                buffer.random_(0, 256, generator=generator)
-            elif name.endswith("_scales"):
-                if scale_spread:
-                    low, high = RANDOM_SCALE - scale_spread, RANDOM_SCALE + scale_spread + 1
-                    buffer.random_(low, high, generator=generator)
-                else:
-                    buffer.fill_(RANDOM_SCALE)
+    """Fill `module` in place, on its device, by the rules of `gptoss_tune.model.random_weights`
+    (norms 1, lm_head normal(0, lm_head_std or std), every other parameter normal(0, std); MXFP4
+    codes random bytes, scales RANDOM_SCALE +- scale_spread) from one shared generator."""
+    for name, param in module.named_parameters():
+        fill_dense_(name, param, std, lm_head_std, generator)
+    buffers = dict(module.named_buffers())
+    for name, blocks in buffers.items():
+        if name.endswith("_blocks"):
+            fill_codes_(blocks, buffers[name.removesuffix("_blocks") + "_scales"], scale_spread, generator)
 
 
 def random_model(

@@ -65,26 +65,44 @@ def generator_for(name: str, seed: int, device: torch.device) -> torch.Generator
     return torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def draw_(name: str, tensor: Tensor, spec: RandomWeights) -> Tensor:
-    """Fill one dense tensor (named as in our model) in place, on its device."""
-    generator = generator_for(name, spec.seed, tensor.device)
+def fill_dense_(
+    name: str, tensor: Tensor, std: float, lm_head_std: float | None, generator: torch.Generator
+) -> Tensor:
+    """The rule for one dense tensor named as in our model: norms 1, lm_head normal(0, lm_head_std)
+    when given, everything else normal(0, std)."""
     with torch.no_grad():
         if name.endswith("norm.weight"):
             return tensor.fill_(1.0)
-        std = spec.lm_head_std if name == "lm_head.weight" and spec.lm_head_std is not None else spec.std
+        if name == "lm_head.weight" and lm_head_std is not None:
+            return tensor.normal_(0.0, lm_head_std, generator=generator)
         return tensor.normal_(0.0, std, generator=generator)
+
+
+def fill_codes_(blocks: Tensor, scales: Tensor, scale_spread: int, generator: torch.Generator) -> None:
+    """MXFP4 storage: uniform random code bytes; scales uniform in RANDOM_SCALE +- scale_spread
+    (all RANDOM_SCALE when 0)."""
+    with torch.no_grad():
+        blocks.random_(0, 256, generator=generator)
+        if scale_spread:
+            scales.random_(RANDOM_SCALE - scale_spread, RANDOM_SCALE + scale_spread + 1, generator=generator)
+        else:
+            scales.fill_(RANDOM_SCALE)
+
+
+def draw_(name: str, tensor: Tensor, spec: RandomWeights) -> Tensor:
+    """Fill one dense tensor (named as in our model) in place, on its device."""
+    return fill_dense_(
+        name, tensor, spec.std, spec.lm_head_std, generator_for(name, spec.seed, tensor.device)
+    )
 
 
 def draw_mxfp4(name: str, shape: torch.Size, spec: RandomWeights, device: torch.device) -> Mxfp4Weight:
     """Random MXFP4 storage of an expert weight whose dense shape is `shape` [E, in, out]."""
     count, in_features, out_features = shape
     blocks_shape = (count, out_features, in_features // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
-    generator = generator_for(name, spec.seed, device)
-    blocks = torch.empty(blocks_shape, dtype=torch.uint8, device=device).random_(0, 256, generator=generator)
-    low, high = RANDOM_SCALE - spec.scale_spread, RANDOM_SCALE + spec.scale_spread + 1
-    scales = torch.empty(blocks_shape[:-1], dtype=torch.uint8, device=device).random_(
-        low, high, generator=generator
-    )
+    blocks = torch.empty(blocks_shape, dtype=torch.uint8, device=device)
+    scales = torch.empty(blocks_shape[:-1], dtype=torch.uint8, device=device)
+    fill_codes_(blocks, scales, spec.scale_spread, generator_for(name, spec.seed, device))
     return Mxfp4Weight(blocks, scales)
 
 
