@@ -54,7 +54,7 @@ def write_bench_checkpoint(config, directory: Path, seed: int) -> Path:
     if (directory / "config.json").is_file():
         return directory
     with atomic_directory(directory) as folder:
-        RandomWeights(seed=seed, lm_head_std=config.hidden_size**-0.5).write(folder)
+        RandomWeights.with_unit_logits(config, seed).write(folder)
         write_json(folder / "config.json", checkpoint_config(config, torch.bfloat16, mxfp4=True))
     return directory
 

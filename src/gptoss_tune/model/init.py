@@ -8,7 +8,6 @@ Full-size presets stream: one tensor (one expert, for the experts) is generated 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -164,16 +163,14 @@ def init_model(
     config = preset_config(preset)
     scales = preset_init_scales(preset)
     total = sum(torch.Size(shape).numel() for _, shape in _parameter_shapes(config))
+    drawn = RandomWeights.with_unit_logits(config, seed, scales.default)
     with atomic_directory(output_dir, overwrite=overwrite) as directory:
         if random_on_load:
-            RandomWeights(seed=seed, std=scales.default, lm_head_std=config.hidden_size**-0.5).write(
-                directory
-            )
+            drawn.write(directory)
         else:
             if draw_mxfp4_codes is None:
                 draw_mxfp4_codes = preset != "tiny"
             if mxfp4 and draw_mxfp4_codes:
-                drawn = RandomWeights(seed=seed, std=scales.default, lm_head_std=config.hidden_size**-0.5)
                 stream = stored_pairs(drawn_tensors(config, drawn, dtype, "cpu"))
             else:
                 stream = random_weights(config, scales, seed, dtype)
@@ -182,17 +179,14 @@ def init_model(
         write_json(directory / "config.json", checkpoint_config(config, dtype, mxfp4 or random_on_load))
         write_json(directory / "generation_config.json", GENERATION_CONFIG)
         write_tokenizer_files(directory)
-        (directory / "gptoss_tune_init.json").write_text(
-            json.dumps(
-                {
-                    "preset": preset,
-                    "seed": seed,
-                    "mxfp4": mxfp4 or random_on_load,
-                    "dtype": str(dtype),
-                    "random_on_load": random_on_load,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json(
+            directory / "gptoss_tune_init.json",
+            {
+                "preset": preset,
+                "seed": seed,
+                "mxfp4": mxfp4 or random_on_load,
+                "dtype": str(dtype),
+                "random_on_load": random_on_load,
+            },
         )
     return Path(output_dir)

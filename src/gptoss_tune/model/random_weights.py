@@ -45,6 +45,11 @@ class RandomWeights:
     lm_head_std: float | None = None
     scale_spread: int = 1
 
+    @classmethod
+    def with_unit_logits(cls, config: GptOssConfig, seed: int, std: float = DEFAULT_STD) -> RandomWeights:
+        """lm_head at std 1/sqrt(hidden), so that logits have unit scale."""
+        return cls(seed=seed, std=std, lm_head_std=config.hidden_size**-0.5)
+
     def write(self, directory: Path) -> None:
         write_json(directory / RANDOM_WEIGHTS_FILE, asdict(self))
 
