@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gptoss_tune.errors import GptossTuneError
 
@@ -44,10 +44,23 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         temporary.rename(out_dir)
 
 
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary sibling of `path` for writing (`mode` "w" for UTF-8 text, "wb" for bytes);
+    it replaces `path` when the block completes and is deleted if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, value: Mapping[str, Any]) -> None:
     """Write JSON atomically (a temporary sibling, then a rename)."""
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    temporary.write_text(
-        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    os.replace(temporary, path)
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from gptoss_tune.bench.run import LOSS_GAP_TOLERANCE, BenchReport, RecipeResult
+from gptoss_tune.files import atomic_file
 
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
@@ -131,10 +130,8 @@ def markdown(report: BenchReport) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        handle.write(text)
 
 
 def write_results(report: BenchReport, directory: Path) -> tuple[Path, Path]:

@@ -91,9 +91,7 @@ class PackPlan:
     bins: list[list[int]]
     seed: int
 
-    def epoch_order(self, epoch: int, shuffle: bool = True) -> list[int]:
-        if not shuffle:
-            return list(range(len(self.bins)))
+    def epoch_order(self, epoch: int) -> list[int]:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.bins)).tolist()
 
 

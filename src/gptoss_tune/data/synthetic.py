@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,9 @@ import numpy as np
 
 from gptoss_tune.data.conversation import Conversation, Message
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import atomic_file
 from gptoss_tune.harmony.render import RenderOptions, render
+from gptoss_tune.harmony.vocab import harmony_encoding
 
 SUPPORTED_LIKES = ("multilingual-thinking",)
 _LIKE_ALIASES = {
@@ -120,14 +121,8 @@ class _Lexicon:
         return float(self.costs.mean())
 
 
-def _encoding():
-    from gptoss_tune.harmony.vocab import harmony_encoding
-
-    return harmony_encoding()
-
-
 def _count_tokens(text: str) -> int:
-    return len(_encoding().encode(text, disallowed_special=()))
+    return len(harmony_encoding().encode(text, disallowed_special=()))
 
 
 @functools.cache
@@ -268,15 +263,7 @@ def make_synthetic_rows(like: str = "multilingual-thinking", rows: int = 1000, s
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write rows as UTF-8 JSON lines, atomically (a temporary sibling file, then os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_file(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)

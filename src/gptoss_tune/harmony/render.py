@@ -164,20 +164,25 @@ class _IdsBuilder:
         self.messages.append(RenderedMessage(role, channel, start, content_start, len(self.ids)))
 
 
-def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
-    out = _IdsBuilder()
-    out.message("system", "system", None, "", system_text(options, bool(conversation.tools)), T.END)
-    messages = conversation.messages
+def _split_instructions(conversation: Conversation) -> tuple[str, tuple, list[bool]]:
+    """(instructions from a leading system/developer message, the messages after it, whether each
+    of those keeps its thinking): what both renderers start from."""
+    messages = tuple(conversation.messages)
     instructions = ""
     if messages and messages[0].role in ("system", "developer"):
         instructions, messages = messages[0].content, messages[1:]
+    offset = len(conversation.messages) - len(messages)
+    return instructions, messages, keeps_thinking(conversation)[offset:]
+
+
+def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
+    out = _IdsBuilder()
+    out.message("system", "system", None, "", system_text(options, bool(conversation.tools)), T.END)
+    instructions, messages, keep = _split_instructions(conversation)
     if instructions or conversation.tools:
         out.message(
             "developer", "developer", None, "", developer_text(instructions, conversation.tools), T.END
         )
-
-    offset = len(conversation.messages) - len(messages)
-    keep = keeps_thinking(conversation)[offset:]
     for i, message in enumerate(messages):
         if message.role == "user":
             out.message("user", "user", None, "", message.content, T.END)
@@ -226,10 +231,7 @@ def _harmony_messages(conversation: Conversation, options: RenderOptions) -> lis
     )
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
-    messages = conversation.messages
-    instructions = ""
-    if messages and messages[0].role in ("system", "developer"):
-        instructions, messages = messages[0].content, messages[1:]
+    instructions, messages, keep = _split_instructions(conversation)
     if instructions or conversation.tools:
         developer = oh.DeveloperContent.new()
         if instructions:
@@ -237,9 +239,6 @@ def _harmony_messages(conversation: Conversation, options: RenderOptions) -> lis
         if conversation.tools:
             developer = developer.with_function_tools([_harmony_tool(tool) for tool in conversation.tools])
         out.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-
-    offset = len(conversation.messages) - len(messages)
-    keep = keeps_thinking(conversation)[offset:]
     for i, message in enumerate(messages):
         out.extend(_harmony_message(oh, message, keep[i]))
     return out

@@ -12,11 +12,11 @@ import gzip
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import atomic_file
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -34,14 +34,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _bpe_openai_dir() -> Path | None:
@@ -97,7 +89,8 @@ def resolve_vocab_file() -> Path:
         if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
             looked.append(f"{label} (wrong sha256)")
             continue
-        _write_atomically(cached, data)
+        with atomic_file(cached, "wb") as handle:
+            handle.write(data)
         return cached
 
     places = "\n  - ".join(looked)
@@ -118,7 +111,8 @@ def harmony_encoding():
     if vocab.name != VOCAB_FILE:
         linked = cache_dir() / VOCAB_FILE
         if not linked.is_file():
-            _write_atomically(linked, vocab.read_bytes())
+            with atomic_file(linked, "wb") as handle:
+                handle.write(vocab.read_bytes())
         vocab = linked
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocab.parent)
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
