@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.model.gpt_oss import Experts, GptOss
-from gptoss_tune.model.mxfp4 import MXFP4_BLOCK_SIZE, Mxfp4Weight
+from gptoss_tune.model.mxfp4 import Mxfp4Weight, empty_mxfp4
 from gptoss_tune.model.random_weights import DEFAULT_STD, fill_codes_, fill_dense_
 
 # Storage of the experts in `gptoss-tune bench --expert-storage`.
@@ -32,11 +32,7 @@ def empty_mxfp4_(experts: Experts) -> None:
     (on meta, `to_empty` then allocates them: the dense weights are never allocated)."""
     device = experts.gate_up_proj_bias.device
     for name in Experts.PROJECTIONS:
-        count, in_features, out_features = experts.weight_shape(name)
-        shape = (count, out_features, in_features // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
-        blocks = torch.empty(shape, dtype=torch.uint8, device=device)
-        scales = torch.empty(shape[:-1], dtype=torch.uint8, device=device)
-        experts.store_mxfp4(name, Mxfp4Weight(blocks, scales))
+        experts.store_mxfp4(name, empty_mxfp4(experts.weight_shape(name), device))
 
 
 def randomize_(

@@ -36,8 +36,11 @@ from gptoss_tune.model.checkpoint import (
     resolve_model_path,
     save_checkpoint,
 )
+from gptoss_tune.model.gpt_oss import is_expert_weight
 from gptoss_tune.model.lora import (
+    EXPERT_TARGETS,
     Site,
+    base_tensor_name,
     expert_lora_from_peft,
     merge_lora_into_state_dict,
     peft_keys,
@@ -46,7 +49,6 @@ from gptoss_tune.model.lora import (
 from gptoss_tune.model.mxfp4 import quantize_min_error
 
 MERGE_DTYPES = ("bf16", "fp32", "mxfp4")
-EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 # Below this share of the adapter's expert update surviving MXFP4 rounding, the merge warns.
 DELTA_KEPT_WARNING = 0.5
 
@@ -100,15 +102,6 @@ def _storage(dtype: str) -> tuple[torch.dtype, bool]:
     ]
 
 
-def _is_expert_weight(name: str) -> bool:
-    return name.endswith(tuple(f"mlp.experts.{target}" for target in EXPERT_TARGETS))
-
-
-def _expert_weight_name(site: Site) -> str:
-    layer, target = site
-    return f"model.layers.{layer}.mlp.experts.{target}"
-
-
 def expert_lora_pairs(
     sites: list[Site], adapter: dict[str, Tensor], num_experts: int
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -117,7 +110,7 @@ def expert_lora_pairs(
     for site in sites:
         if site[1] in EXPERT_TARGETS:
             key_a, key_b = peft_keys(site, sites)
-            pairs[_expert_weight_name(site)] = expert_lora_from_peft(
+            pairs[base_tensor_name(site)] = expert_lora_from_peft(
                 adapter[key_a].float(), adapter[key_b].float(), num_experts
             )
     return pairs
@@ -163,7 +156,7 @@ class ExpertMerger:
 
     def __call__(self, tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
         for name, tensor in tensors:
-            if not _is_expert_weight(name):
+            if not is_expert_weight(name):
                 yield name, tensor
                 continue
             if name in self.pairs:

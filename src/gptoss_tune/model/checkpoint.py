@@ -31,7 +31,7 @@ from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.files import atomic_directory, write_json
-from gptoss_tune.model.gpt_oss import Experts, GptOss
+from gptoss_tune.model.gpt_oss import Experts, GptOss, is_expert_weight
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
     MXFP4_SCALE_BIAS,
@@ -43,9 +43,6 @@ from gptoss_tune.model.mxfp4 import (
 )
 from gptoss_tune.model.presets import MXFP4_MODULES_NOT_CONVERTED
 from gptoss_tune.model.random_weights import RandomWeights, drawn_tensors
-
-# Our names of the tensors that MXFP4 checkpoints store quantized.
-QUANTIZED_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 SINGLE_FILE = "model.safetensors"
@@ -163,10 +160,6 @@ def expert_weight_to_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([b for b, _ in quantized]), torch.stack([s for _, s in quantized])
 
 
-def _is_quantized_expert_weight(name: str) -> bool:
-    return name.endswith(QUANTIZED_SUFFIXES)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------
@@ -282,21 +275,30 @@ def load_weights(
     otherwise they are dequantized to `dtype`.
     """
     expected = {name: tuple(param.shape) for name, param in model.named_parameters()}
-    missing = set(expected)
-    for name, tensor in iter_stored_tensors(path, dtype, device):
-        if name not in expected:
-            raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
-        if tuple(tensor.shape) != expected[name]:
-            raise GptossTuneError(
-                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the config implies {expected[name]}."
-            )
+    for name, tensor in checked_tensors(path, iter_stored_tensors(path, dtype, device), expected):
         if isinstance(tensor, Mxfp4Weight) and keep_mxfp4:
             _store_mxfp4(model, name, tensor)
         elif isinstance(tensor, Mxfp4Weight):
             _replace_parameter(model, name, tensor.dequantize(dtype))
         else:
             _replace_parameter(model, name, tensor.to(device))
+
+
+def checked_tensors(
+    path: str | Path, tensors: Iterable[tuple[str, Any]], expected: Mapping[str, tuple[int, ...]]
+) -> Iterator[tuple[str, Any]]:
+    """`tensors`, each checked against the `expected` names and shapes (our layout); raises on an
+    unexpected name or shape, and at the end if an expected tensor never came."""
+    missing = set(expected)
+    for name, tensor in tensors:
+        if name not in expected:
+            raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
+        if tuple(tensor.shape) != expected[name]:
+            raise GptossTuneError(
+                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the config implies {expected[name]}."
+            )
         missing.discard(name)
+        yield name, tensor
     if missing:
         raise GptossTuneError(
             f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
@@ -405,7 +407,7 @@ def write_weights(
     if not mxfp4:
         tensors = densify_tensors(tensors, dtype)
     for name, tensor in tensors:
-        if mxfp4 and _is_quantized_expert_weight(name):
+        if mxfp4 and is_expert_weight(name):
             blocks, scales = expert_weight_to_mxfp4(tensor)
             writer.add(f"{name}_blocks", blocks)
             writer.add(f"{name}_scales", scales)

@@ -553,3 +553,12 @@ def chunked_causal_lm_loss(
             _cross_entropy_sum, hidden[piece], lm_head_weight, targets[piece], use_reentrant=False
         )
     return loss_sum, torch.tensor(targets.numel(), device=targets.device)
+
+
+EXPERT_WEIGHT_SUFFIXES = tuple(f"mlp.experts.{projection}" for projection in Experts.PROJECTIONS)
+
+
+def is_expert_weight(name: str) -> bool:
+    """Whether `name` (our / transformers' naming) is a stacked expert weight (the tensors MXFP4
+    checkpoints store quantized)."""
+    return name.endswith(EXPERT_WEIGHT_SUFFIXES)

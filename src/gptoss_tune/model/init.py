@@ -23,7 +23,7 @@ from gptoss_tune.model.checkpoint import GENERATION_CONFIG, checkpoint_config, w
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.mxfp4 import Mxfp4Weight
 from gptoss_tune.model.presets import InitScales, preset_config, preset_init_scales
-from gptoss_tune.model.random_weights import RandomWeights, drawn_tensors
+from gptoss_tune.model.random_weights import RandomWeights, drawn_tensors, parameter_shapes
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|startoftext|>", "<|return|>", "<|endoftext|>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -90,18 +90,12 @@ def initial_value(
     return torch.randn(shape, generator=generator) * std
 
 
-def _parameter_shapes(config: GptOssConfig) -> list[tuple[str, tuple[int, ...]]]:
-    with torch.device("meta"):
-        model = GptOss(config)
-    return [(name, tuple(param.shape)) for name, param in model.named_parameters()]
-
-
 def random_weights(
     config: GptOssConfig, scales: InitScales, seed: int = 0, dtype: torch.dtype = torch.bfloat16
 ) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) for every parameter, generated one at a time in a fixed order (reproducible)."""
     generator = torch.Generator().manual_seed(seed)
-    for name, shape in _parameter_shapes(config):
+    for name, shape in parameter_shapes(config):
         yield name, initial_value(name, shape, scales, generator).to(dtype)
 
 
@@ -162,7 +156,7 @@ def init_model(
     """
     config = preset_config(preset)
     scales = preset_init_scales(preset)
-    total = sum(torch.Size(shape).numel() for _, shape in _parameter_shapes(config))
+    total = sum(torch.Size(shape).numel() for _, shape in parameter_shapes(config))
     drawn = RandomWeights.with_unit_logits(config, seed, scales.default)
     with atomic_directory(output_dir, overwrite=overwrite) as directory:
         if random_on_load:

@@ -530,7 +530,8 @@ def load_adapter(model: GptOss, adapter_dir: str | Path) -> LoraOptions:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _base_tensor_name(site: Site) -> str:
+def base_tensor_name(site: Site) -> str:
+    """The base model tensor an adapter site modifies."""
     layer, name = site
     if name in ATTENTION_TARGETS:
         return f"model.layers.{layer}.self_attn.{name}.weight"
@@ -555,7 +556,7 @@ def merge_lora_into_state_dict(
     """Stream (name, tensor) pairs of a base model with the adapter folded in: W + s * B A per
     attention projection, W_e + s * A_e B_e per expert ([E, in, out]). Sums in fp32, returns the
     base dtype. Use with `read_adapter` and `iter_checkpoint_tensors` / `save_checkpoint`."""
-    targets = {_base_tensor_name(site): peft_keys(site, sites) for site in sites}
+    targets = {base_tensor_name(site): peft_keys(site, sites) for site in sites}
     merged = set()
     for name, tensor in tensors:
         if name in targets:

@@ -49,28 +49,22 @@ DequantizeFn = Callable[[Tensor, Tensor, torch.dtype], Tensor]
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _scaled_pair_table_cpu(dtype: torch.dtype) -> Tensor:
-    codes = torch.arange(256)
-    fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    pairs = torch.stack([fp4[codes & 0x0F], fp4[codes >> 4]], dim=-1)  # [byte, 2], low nibble first
-    exponents = torch.arange(256, dtype=torch.int32) - MXFP4_SCALE_BIAS
-    # ldexp in fp32, then a cast: what `checkpoint.dequantize_mxfp4` and transformers compute.
-    table = torch.ldexp(pairs.expand(256, 256, 2), exponents.view(256, 1, 1).expand(256, 256, 2))
-    return table.reshape(256 * 256, 2).to(dtype)
-
-
-_TABLES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
 def scaled_pair_table(dtype: torch.dtype, device: torch.device) -> Tensor:
     """[65536, 2] lookup table: row (scale << 8) | byte holds the byte's two values (low nibble
     first) times 2^(scale - 127), in `dtype`. One gather per byte dequantizes, with no arithmetic on
     the device, so the result is the same on every device and backend."""
-    key = (dtype, torch.device(device))
-    if key not in _TABLES:
-        _TABLES[key] = _scaled_pair_table_cpu(dtype).to(device)
-    return _TABLES[key]
+    return _scaled_pair_table(dtype, torch.device(device))
+
+
+@functools.cache
+def _scaled_pair_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    codes = torch.arange(256)
+    fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    pairs = torch.stack([fp4[codes & 0x0F], fp4[codes >> 4]], dim=-1)  # [byte, 2], low nibble first
+    exponents = torch.arange(256, dtype=torch.int32) - MXFP4_SCALE_BIAS
+    # ldexp in fp32 on the CPU, then a cast: what `checkpoint.dequantize_mxfp4` and transformers compute.
+    table = torch.ldexp(pairs.expand(256, 256, 2), exponents.view(256, 1, 1).expand(256, 256, 2))
+    return table.reshape(256 * 256, 2).to(dtype).to(device)
 
 
 def check_mxfp4(blocks: Tensor, scales: Tensor) -> None:
@@ -129,6 +123,14 @@ def compiled_dequantize_experts(blocks: Tensor, scales: Tensor, dtype: torch.dty
     `experts.dequantize_fn = compiled_dequantize_experts`."""
     check_mxfp4(blocks, scales)
     return _compiled_dequantize()(blocks, scales, scaled_pair_table(dtype, blocks.device))
+
+
+def empty_mxfp4(shape: torch.Size | tuple[int, int, int], device: torch.device | str) -> Mxfp4Weight:
+    """Uninitialized MXFP4 storage of an expert weight whose dense shape is [E, in, out]."""
+    count, in_features, out_features = shape
+    blocks_shape = (count, out_features, in_features // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
+    blocks = torch.empty(blocks_shape, dtype=torch.uint8, device=device)
+    return Mxfp4Weight(blocks, torch.empty(blocks_shape[:-1], dtype=torch.uint8, device=device))
 
 
 def dense_shape(blocks: Tensor) -> torch.Size:

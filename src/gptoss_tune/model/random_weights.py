@@ -24,8 +24,8 @@ from torch import Tensor
 from transformers import GptOssConfig
 
 from gptoss_tune.files import write_json
-from gptoss_tune.model.gpt_oss import Experts, GptOss
-from gptoss_tune.model.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_SCALE_BIAS, Mxfp4Weight
+from gptoss_tune.model.gpt_oss import GptOss, is_expert_weight
+from gptoss_tune.model.mxfp4 import MXFP4_SCALE_BIAS, Mxfp4Weight, empty_mxfp4
 
 RANDOM_WEIGHTS_FILE = "random_weights.json"
 
@@ -103,16 +103,16 @@ def draw_(name: str, tensor: Tensor, spec: RandomWeights) -> Tensor:
 
 def draw_mxfp4(name: str, shape: torch.Size, spec: RandomWeights, device: torch.device) -> Mxfp4Weight:
     """Random MXFP4 storage of an expert weight whose dense shape is `shape` [E, in, out]."""
-    count, in_features, out_features = shape
-    blocks_shape = (count, out_features, in_features // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2)
-    blocks = torch.empty(blocks_shape, dtype=torch.uint8, device=device)
-    scales = torch.empty(blocks_shape[:-1], dtype=torch.uint8, device=device)
-    fill_codes_(blocks, scales, spec.scale_spread, generator_for(name, spec.seed, device))
-    return Mxfp4Weight(blocks, scales)
+    weight = empty_mxfp4(shape, device)
+    fill_codes_(weight.blocks, weight.scales, spec.scale_spread, generator_for(name, spec.seed, device))
+    return weight
 
 
-def is_expert_weight(name: str) -> bool:
-    return name.endswith(tuple(f"mlp.experts.{projection}" for projection in Experts.PROJECTIONS))
+def parameter_shapes(config: GptOssConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of a gpt-oss model with `config`, built on the meta device."""
+    with torch.device("meta"):
+        model = GptOss(config)
+    return [(name, tuple(param.shape)) for name, param in model.named_parameters()]
 
 
 def drawn_tensors(
@@ -121,9 +121,7 @@ def drawn_tensors(
     """(name, tensor) for every parameter, as `iter_stored_tensors` yields a checkpoint's: the
     experts as `Mxfp4Weight`, the rest dense in `dtype`, all on `device`."""
     device = torch.device(device)
-    with torch.device("meta"):
-        shapes = [(name, param.shape) for name, param in GptOss(config).named_parameters()]
-    for name, shape in shapes:
+    for name, shape in parameter_shapes(config):
         if is_expert_weight(name):
             yield name, draw_mxfp4(name, shape, spec, device)
         else:

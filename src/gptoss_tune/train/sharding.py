@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.model.checkpoint import iter_checkpoint_tensors, read_config, resolve_model_path
+from gptoss_tune.model.checkpoint import (
+    checked_tensors,
+    iter_checkpoint_tensors,
+    read_config,
+    resolve_model_path,
+)
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import LoraOptions, apply_lora
 from gptoss_tune.model.sharded import assign_full_
@@ -69,13 +74,6 @@ def build_fsdp(
 
 def _fill_from_checkpoint(model: GptOss, path, dtype: torch.dtype, device: torch.device) -> None:
     """Each full tensor is read (or drawn) on this rank's device, and only its slice is kept."""
-    expected = {name for name, p in model.named_parameters() if not p.requires_grad}
-    for name, tensor in iter_checkpoint_tensors(path, dtype, device):
-        if name not in expected:
-            raise GptossTuneError(f"{path}: unexpected tensor '{name}' for a gpt-oss model.")
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if not p.requires_grad}
+    for name, tensor in checked_tensors(path, iter_checkpoint_tensors(path, dtype, device), expected):
         assign_full_(model.get_parameter(name), tensor)
-        expected.discard(name)
-    if expected:
-        raise GptossTuneError(
-            f"{path}: the checkpoint lacks {len(expected)} tensors, e.g. {sorted(expected)[:3]}."
-        )
