@@ -18,6 +18,8 @@ from gptoss_tune.harmony.render import DEFAULT_DATE
 from gptoss_tune.model.mxfp4 import EXPERT_STORAGES
 
 SCHEDULES = ("cosine", "linear", "constant")
+SHARDINGS = ("ddp", "fsdp")
+KERNELS = ("auto", "fast", "eager")
 
 
 @dataclass
@@ -83,9 +85,9 @@ class TrainConfig:
             raise GptossTuneError(
                 f"Unknown --expert-storage '{self.expert_storage}': use {', '.join(EXPERT_STORAGES)}."
             )
-        if self.kernels not in ("auto", "fast", "eager"):
+        if self.kernels not in KERNELS:
             raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
-        if self.sharding not in ("ddp", "fsdp"):
+        if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)
         if self.schedule not in SCHEDULES:

@@ -24,7 +24,7 @@ from gptoss_tune.model.gpt_oss import (
     eager_attention,
     eager_experts,
 )
-from gptoss_tune.model.lora import apply_lora
+from gptoss_tune.model.lora import adapters_to_fp32, apply_lora
 
 if TYPE_CHECKING:
     from gptoss_tune.bench.run import Bench
@@ -65,8 +65,7 @@ def _timed(name: str, tokens: int, run: Callable[[], Tensor], device: torch.devi
 
 def _model_with_adapters(bench: Bench) -> GptOss:
     model = bench.new_model()  # the shared weights, whatever the expert storage
-    for param in apply_lora(model, bench.options.lora()).values():
-        param.data = param.data.float()
+    adapters_to_fp32(apply_lora(model, bench.options.lora()))
     return model
 
 

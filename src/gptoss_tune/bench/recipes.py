@@ -37,7 +37,13 @@ from gptoss_tune.kernels import (
     plan_activation_checkpointing,
 )
 from gptoss_tune.model.gpt_oss import GptOss
-from gptoss_tune.model.lora import ATTENTION_TARGETS, EXPERT_TARGETS, LoraOptions, apply_lora
+from gptoss_tune.model.lora import (
+    ATTENTION_TARGETS,
+    EXPERT_TARGETS,
+    LoraOptions,
+    adapters_to_fp32,
+    apply_lora,
+)
 
 # A fresh GptOss over the shared base weights (no copy), frozen, without adapters or kernels.
 ModelFactory = Callable[[], GptOss]
@@ -215,10 +221,7 @@ class OursRecipe(Recipe):
 
     def setup(self) -> None:
         model = self.model_factory()  # shares the tensors: no second copy
-        model.requires_grad_(False)
-        params = apply_lora(model, self.options.lora)
-        for param in params.values():
-            param.data = param.data.float()
+        params = adapters_to_fp32(apply_lora(model, self.options.lora))
         self.model, self.params = model, list(params.values())
         if self.fast:
             self._enable_kernels(model)

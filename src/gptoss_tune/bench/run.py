@@ -46,6 +46,7 @@ from gptoss_tune.bench.weights import (
     shared_copy,
     weight_bytes,
 )
+from gptoss_tune.config import SHARDINGS
 from gptoss_tune.devices import pick_device
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels import FastPaths
@@ -96,7 +97,7 @@ class BenchOptions:
                 f"({', '.join(transformers_recipes)}) need dense bf16 experts. Pass --recipes ours[,ours-eager], "
                 "or --expert-storage bf16."
             )
-        if self.sharding not in ("ddp", "fsdp"):
+        if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}'; choose ddp or fsdp.")
         if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")

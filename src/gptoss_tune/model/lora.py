@@ -225,6 +225,13 @@ def _attach(model: GptOss, site: Site, options: LoraOptions, generator: torch.Ge
     setattr(experts, slot, adapter)
 
 
+def adapters_to_fp32(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Keep the adapters (and so their optimizer state) in fp32; autocast computes in bf16."""
+    for param in params.values():
+        param.data = param.data.float()
+    return params
+
+
 def apply_lora(
     model: GptOss,
     options: LoraOptions,

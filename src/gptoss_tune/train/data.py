@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,13 @@ class Schedule:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    @cached_property
+    def trained_counts(self) -> list[int]:
+        """Trained targets of each example, counted once."""
+        return [trained_targets(labels) for _, labels in self.examples]
+
     def step_trained_tokens(self, step: int) -> int:
-        return sum(trained_targets(self.examples[i][1]) for bin_ in self.step_bins(step) for i in bin_)
+        return sum(self.trained_counts[i] for bin_ in self.step_bins(step) for i in bin_)
 
     def rank_batches(self, step: int, rank: int, pad_to_multiple: int = 1) -> list[MicroBatch]:
         bins = self.step_bins(step)[rank :: self.world_size]

@@ -26,11 +26,12 @@ from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import enable_fast_paths, plan_activation_checkpointing
-from gptoss_tune.kernels.memory import auto_budget_bytes
+from gptoss_tune.kernels.memory import GIB, auto_budget_bytes
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import (
     LoraOptions,
+    adapters_to_fp32,
     apply_lora,
     load_adapter,
     lora_state_dict_peft,
@@ -203,34 +204,31 @@ def load_data(config: TrainConfig, output: Path, info: dist.DistInfo) -> tuple[S
 def build_model(
     config: TrainConfig, options: LoraOptions, dtype: torch.dtype, device: torch.device, info: dist.DistInfo
 ) -> tuple[GptOss, nn.Module, dict[str, nn.Parameter]]:
-    if config.sharding == "fsdp" and info.enabled:
+    sharded = config.sharding == "fsdp" and info.enabled
+    if sharded:
         if config.expert_storage == "mxfp4":
             raise GptossTuneError(
                 "--expert-storage mxfp4 does not work with --sharding fsdp yet: use ddp, or bf16."
             )
         module, model, params = build_fsdp(config.model, options, dtype, device, info)
-        reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
-        use_kernels(model, config, device)
-        model.set_gradient_checkpointing(config.gradient_checkpointing)
-        return model, module, params
-    model = load_checkpoint(config.model, dtype=dtype, device=device, expert_storage=config.expert_storage)
-    params = apply_lora(model, options)
-    # adapters and their optimizer state in fp32 (autocast computes in bf16)
-    for param in params.values():
-        param.data = param.data.float()
+    else:
+        model = load_checkpoint(
+            config.model, dtype=dtype, device=device, expert_storage=config.expert_storage
+        )
+        params = adapters_to_fp32(apply_lora(model, options))
     reset_lora_parameters(params, config.seed)  # same initial adapter however the model is placed
     use_kernels(model, config, device)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
+    if sharded:
+        return model, module, params
     if config.memory_budget_gib is not None and device.type == "cuda":
         budget = (
             auto_budget_bytes(device)
             if config.memory_budget_gib == "auto"
-            else int(float(config.memory_budget_gib) * 2**30)
+            else int(config.memory_budget_gib * GIB)
         )
-        # Measures a real layer's forward and backward: before DDP's gradient hooks exist.
+        # Measures a real layer's forward and backward (leaving no gradient): before DDP's hooks exist.
         plan_activation_checkpointing(model, config.tokens_per_batch, budget)
-        for param in params.values():
-            param.grad = None
     return model, wrap_ddp(model, device, info), params
 
 
@@ -415,8 +413,7 @@ def adapters_without_updates(initial: dict[str, torch.Tensor], params: dict[str,
 
 def train(config: TrainConfig, log: Callable[[str], None] = print, progress=None) -> TrainResult:
     """Run a training job described by `config`. `progress(step, total, record)` reports each step."""
-    uses_cuda = torch.cuda.is_available() and (config.device == "auto" or config.device.startswith("cuda"))
-    info = dist.init_distributed("cuda" if uses_cuda else "cpu")
+    info = dist.init_distributed(pick_device(config.device).type)
     try:
         return _train(config, info, log, progress)
     finally:
@@ -440,7 +437,7 @@ def _train(config: TrainConfig, info: dist.DistInfo, log, progress) -> TrainResu
         now = time.perf_counter()
         record["tokens_per_s"] = record["tokens"] / max(now - step_started, 1e-9)
         if run.device.type == "cuda":  # this rank's peak so far, weights included
-            record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / GIB, 2)
         step_started = now
         done = record["step"]
         tokens_seen += record["tokens"]

@@ -19,11 +19,9 @@ from gptoss_tune.model.checkpoint import (
     resolve_model_path,
 )
 from gptoss_tune.model.gpt_oss import GptOss
-from gptoss_tune.model.lora import LoraOptions, apply_lora
+from gptoss_tune.model.lora import LoraOptions, adapters_to_fp32, apply_lora
 from gptoss_tune.model.sharded import assign_full_
 from gptoss_tune.train.dist import DistInfo
-
-SHARDINGS = ("ddp", "fsdp")
 
 
 class LossModule(nn.Module):
@@ -58,9 +56,7 @@ def build_fsdp(
     path = resolve_model_path(model_path)
     with torch.device("meta"):
         model = GptOss(read_config(path)).to(dtype)
-    params = apply_lora(model, options)
-    for param in params.values():  # adapters stay fp32 (their optimizer state too)
-        param.data = param.data.float()
+    adapters_to_fp32(apply_lora(model, options))
     mesh = init_device_mesh(device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
