@@ -527,7 +527,13 @@ def bench(
 def _bench_scaling(
     options, gpu_counts, output: Path, equivalence: bool, record: bool, record_file: Path, ctx
 ):
-    from gptoss_tune.bench.scaling import environment_line, equivalence_table, run_scaling, scaling_table
+    from gptoss_tune.bench.scaling import (
+        UNTIMED_STEPS,
+        environment_line,
+        equivalence_table,
+        run_scaling,
+        scaling_table,
+    )
 
     rows = run_scaling(
         options,
@@ -546,7 +552,7 @@ def _bench_scaling(
             f.write(
                 f"\n### Data-parallel scaling ({environment_line()})\n\nCommand: `{_command_line(ctx)}`\n\n"
                 f"{options.preset} shape, {options.layers or 'all'} layers, {options.tokens_per_batch} tokens per "
-                f"micro-batch per GPU, LoRA r=8 attention+experts, median tok/s after 3 warm-up steps.\n\n"
+                f"micro-batch per GPU, LoRA r=8 attention+experts, median tok/s after {UNTIMED_STEPS} warm-up steps.\n\n"
                 f"{text}\n"
             )
         console.print(f"[bold]recorded[/bold] in {record_file}")
@@ -673,12 +679,10 @@ def chat(
 
 
 def _write_json_report(path: Path, report: dict) -> None:
-    import os
+    from gptoss_tune.files import atomic_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 @app.command("eval")

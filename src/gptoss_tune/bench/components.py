@@ -69,7 +69,8 @@ def _model_with_adapters(bench: Bench) -> GptOss:
     return model
 
 
-def expert_timings(model: GptOss, tokens: int, device: torch.device, kernels: FastPaths | None) -> list[dict]:
+def expert_timings(model: GptOss, tokens: int, device: torch.device, compiled: GroupedExperts) -> list[dict]:
+    """The eager loop, grouped_mm without compiling, `compiled` (the fast path), and the GEMM floor."""
     layer = model.model.layers[0].mlp
     hidden = torch.randn(tokens, model.config.hidden_size, device=device, dtype=torch.bfloat16)
     hidden.requires_grad_(True)
@@ -85,7 +86,6 @@ def expert_timings(model: GptOss, tokens: int, device: torch.device, kernels: Fa
 
         return run
 
-    compiled = kernels.experts if kernels is not None and kernels.experts is not None else GroupedExperts()
     return [
         _timed("experts: eager loop", tokens, run_with(eager_experts), device),
         _timed("experts: grouped_mm", tokens, run_with(GroupedExperts(compile=False)), device),
@@ -237,10 +237,12 @@ def time_components(bench: Bench, profile_path: Path | None = None) -> list[dict
     device, tokens = bench.device, bench.options.tokens_per_batch
     bench.log("timing components")
     model = _model_with_adapters(bench)
+    compiled = bench.kernels.experts if bench.kernels and bench.kernels.experts else GroupedExperts()
     if profile_path is not None:
-        experts = bench.kernels.experts if bench.kernels and bench.kernels.experts else GroupedExperts()
-        bench.log(f"profiling the experts -> {profile_experts(model, tokens, device, experts, profile_path)}")
-    timings = expert_timings(model, tokens, device, bench.kernels)
+        bench.log(
+            f"profiling the experts -> {profile_experts(model, tokens, device, compiled, profile_path)}"
+        )
+    timings = expert_timings(model, tokens, device, compiled)
     timings += attention_timings(model, tokens, device, bench.kernels)
     timings += loss_timings(model, tokens, device)
     del model

@@ -65,9 +65,7 @@ def active_matmul_parameters(config: GptOssConfig) -> int:
     return config.num_hidden_layers * per_layer + config.hidden_size * config.vocab_size
 
 
-def lora_parameters_per_token(
-    config: GptOssConfig, rank: int, targets: Iterable[str], layers: int | None = None
-) -> int:
+def lora_parameters_per_token(config: GptOssConfig, rank: int, targets: Iterable[str]) -> int:
     """Adapter weights a token passes through (expert adapters counted for each of its k experts)."""
     hidden, head_dim = config.hidden_size, config.head_dim
     query_out = config.num_attention_heads * head_dim
@@ -82,7 +80,7 @@ def lora_parameters_per_token(
         "down_proj": config.num_experts_per_tok * (inner + hidden),
     }
     per_layer = sum(rank * sizes[name] for name in targets)
-    return (config.num_hidden_layers if layers is None else layers) * per_layer
+    return config.num_hidden_layers * per_layer
 
 
 def visible_pairs(document_length: int, window: int | None) -> int:

@@ -47,7 +47,7 @@ from gptoss_tune.bench.weights import (
     weight_bytes,
 )
 from gptoss_tune.config import SHARDINGS
-from gptoss_tune.devices import pick_device
+from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels import FastPaths
 from gptoss_tune.model.gpt_oss import GptOss
@@ -356,7 +356,7 @@ class Bench:
         self.on_update = on_update or (lambda report: None)
         self.report = BenchReport({}, [])
         self.device = pick_device(options.device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = pick_dtype("auto", self.device)
         self.config = bench_config(options.preset, options.layers)
         self.flop_model = FlopModel(self.config, options.lora_rank, options.lora().target_names())
         self.peak_tflops = options.peak_tflops or (

@@ -30,6 +30,7 @@ from gptoss_tune.data.synthetic import make_synthetic_rows, write_jsonl
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.files import atomic_directory, write_json
 from gptoss_tune.model.checkpoint import checkpoint_config
+from gptoss_tune.model.lora import ADAPTER_WEIGHTS
 from gptoss_tune.model.random_weights import RandomWeights
 
 UNTIMED_STEPS = 3  # compile warm-up and the first DDP bucket rebuild
@@ -73,7 +74,7 @@ def read_metrics(metrics: Path) -> tuple[list[float], list[float], float | None]
 
 def adapter_difference(first: Path, second: Path) -> float:
     """||a - b|| / ||a|| over all tensors of two adapters' safetensors (same names)."""
-    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    a, b = load_file(first / ADAPTER_WEIGHTS), load_file(second / ADAPTER_WEIGHTS)
     if a.keys() != b.keys():
         raise ValueError(f"{first} and {second} hold different adapter tensors")
     difference = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
@@ -259,7 +260,7 @@ def equivalence_table(rows: list[ScalingRow]) -> str | None:
     for step, (a, b) in enumerate(zip(parallel.losses, accumulated.losses, strict=False), start=1):
         lines.append(f"| {step} | {a:.5f} | {b:.5f} | {abs(a - b):.2e} |")
     adapters = [Path(r.output) / "adapter" for r in (parallel, accumulated)]
-    if all((a / "adapter_model.safetensors").is_file() for a in adapters):
+    if all((a / ADAPTER_WEIGHTS).is_file() for a in adapters):
         lines.append(
             f"\nFinal adapters: ||a - b|| / ||a|| = {adapter_difference(*adapters):.2e} over all LoRA tensors."
         )

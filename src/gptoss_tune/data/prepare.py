@@ -101,6 +101,11 @@ def examples_for(conversation: Conversation, options: PrepareOptions) -> Iterato
         yield Example(rendered.ids, make_labels(rendered, options.loss_on), conversation.source_index, 0)
 
 
+def count_trained(labels: list[int]) -> int:
+    """Labels the loss policy trains (every label that is not IGNORE_INDEX)."""
+    return sum(1 for label in labels if label != T.IGNORE_INDEX)
+
+
 def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) -> Example | None:
     if options.max_length is None or len(example.input_ids) <= options.max_length:
         return example
@@ -149,7 +154,7 @@ def build_examples(
     for conversation in iter_conversations(rows, options, stats):
         on_row()
         for example in examples_for(conversation, options):
-            trained = sum(1 for label in example.labels if label != T.IGNORE_INDEX)
+            trained = count_trained(example.labels)
             if trained == 0:
                 stats.skipped["no_trained_tokens"] += 1
                 continue
@@ -159,7 +164,7 @@ def build_examples(
             examples.append(fitted)
             stats.examples += 1
             stats.tokens += len(fitted.input_ids)
-            stats.trained_tokens += sum(1 for label in fitted.labels if label != T.IGNORE_INDEX)
+            stats.trained_tokens += trained if fitted is example else count_trained(fitted.labels)
             stats.lengths.append(len(fitted.input_ids))
     return examples
 
@@ -197,7 +202,7 @@ def _to_dataset(examples: list[Example]):
         "source_index": [e.source_index for e in examples],
         "turn": [e.turn for e in examples],
         "length": [len(e.input_ids) for e in examples],
-        "num_trained": [sum(1 for x in e.labels if x != T.IGNORE_INDEX) for e in examples],
+        "num_trained": [count_trained(e.labels) for e in examples],
     }
     return datasets.Dataset.from_dict(columns, features=features)
 

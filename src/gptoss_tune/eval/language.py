@@ -17,15 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gptoss_tune.data.conversation import Conversation, Message
+from gptoss_tune.data.load import BUNDLED_SAMPLE, bundled_sample_path
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony.render import RenderOptions
 from gptoss_tune.harmony.vocab import harmony_encoding
 from gptoss_tune.infer.generate import Completion, Generator, SamplingOptions
 from gptoss_tune.infer.prompt import generation_prompt, instructions_text
 
-SAMPLE = "sample"
 # The languages of HuggingFaceH4/Multilingual-Thinking.
-DEFAULT_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
 
 # English names of the languages py3langid identifies (ISO 639-1 codes, or 639-3 where there is none).
 _LANGUAGE_TABLE = """
@@ -47,6 +46,7 @@ uz Uzbek; vi Vietnamese; vo Volapuk; wa Walloon; xh Xhosa; yo Yoruba; zh Chinese
 LANGUAGE_NAMES: dict[str, str] = dict(
     entry.strip().split(" ", 1) for entry in _LANGUAGE_TABLE.replace("\n", " ").split(";") if entry.strip()
 )
+LANGUAGE_CODES: dict[str, str] = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
 NO_ANALYSIS = "none"  # detected language of an empty analysis
 
 
@@ -55,9 +55,8 @@ def language_code(language: str) -> str:
     text = language.strip()
     if text.lower() in LANGUAGE_NAMES:
         return text.lower()
-    by_name = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
-    if text.lower() in by_name:
-        return by_name[text.lower()]
+    if text.lower() in LANGUAGE_CODES:
+        return LANGUAGE_CODES[text.lower()]
     raise GptossTuneError(
         f"Unknown language '{language}': use an English name (French) or an ISO 639-1 code (fr) of a "
         "language the identifier knows, e.g. " + ", ".join(sorted(LANGUAGE_NAMES.values())[:12]) + ", ..."
@@ -96,9 +95,7 @@ class LanguagePrompt:
 
 
 def _rows(source: str) -> list[dict]:
-    from gptoss_tune.data.load import bundled_sample_path
-
-    path = bundled_sample_path() if source == SAMPLE else Path(source)
+    path = bundled_sample_path() if source == BUNDLED_SAMPLE else Path(source)
     if not path.is_file():
         raise GptossTuneError(f"{source}: no such prompts file (use a .jsonl/.json/.txt file or 'sample').")
     text = path.read_text(encoding="utf-8")
@@ -224,10 +221,10 @@ def run_language_eval(
     one, else with the model alone) up to the end of the first message, and score each analysis."""
     models = ["base", "adapter"] if generator.has_adapter else ["model"]
     stops = sorted(harmony_encoding().stop_tokens())  # <|end|> too: the analysis is the first message
+    rendered = [generation_prompt(prompt_conversation(item), render_options) for item in prompts]
     results = []
     for model in models:
-        for item in prompts:
-            prompt_ids = generation_prompt(prompt_conversation(item), render_options)
+        for item, prompt_ids in zip(prompts, rendered, strict=True):
             completion = generator.complete(
                 prompt_ids, sampling, use_adapter=model == "adapter", stop_tokens=stops
             )

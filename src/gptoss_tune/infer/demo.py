@@ -10,7 +10,6 @@ fails (non-zero exit).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from gptoss_tune.data.synthetic import write_jsonl
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.files import write_json
 from gptoss_tune.harmony.render import RenderOptions
@@ -75,11 +75,7 @@ def sample_rows(indices: tuple[int, ...]) -> list[dict]:
 
 def write_demo_data(rows: list[dict], path: Path) -> Path:
     """The chosen conversations in the `messages` shape (the dataset's own column), atomically."""
-    lines = "".join(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n" for row in rows)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(lines, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_jsonl(({"messages": row["messages"]} for row in rows), path)
 
 
 def chat_history(row: dict) -> tuple[ChatHistory, str]:

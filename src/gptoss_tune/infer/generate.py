@@ -16,9 +16,8 @@ import torch
 
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.harmony import tokens as T
 from gptoss_tune.harmony.vocab import harmony_encoding
-
-PAD_TOKEN_ID = 199999  # <|endoftext|>, as in the published generation_config.json
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,7 @@ class HfGenerator:
         values = dict(
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=stop_tokens,
-            pad_token_id=PAD_TOKEN_ID,
+            pad_token_id=T.END_OF_TEXT,  # as in the published generation_config.json
             use_cache=True,
             do_sample=not sampling.greedy,
         )

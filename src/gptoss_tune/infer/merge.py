@@ -15,7 +15,6 @@ given when most of it was lost.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from gptoss_tune.devices import pick_device
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import atomic_file
 from gptoss_tune.infer.provenance import MERGE_RECORD, training_render_settings
 from gptoss_tune.model.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -281,6 +281,5 @@ def _write_record(out: Path, base: str | Path, adapter: str | Path, result: Merg
         "render": training_render_settings(adapter),
         **{k: v for k, v in asdict(result).items() if k not in ("output", "warnings")},
     }
-    temporary = out / f".{MERGE_RECORD}.tmp"
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(temporary, out / MERGE_RECORD)
+    with atomic_file(out / MERGE_RECORD) as handle:
+        handle.write(json.dumps(record, indent=2, default=str) + "\n")
