@@ -22,7 +22,14 @@ from gptoss_tune.kernels.attention import (
 )
 from gptoss_tune.kernels.loss import linear_cross_entropy_sum
 from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
-from gptoss_tune.kernels.moe import aligned_lora_factors, sort_by_expert
+from gptoss_tune.kernels.moe import (
+    aligned_lora_factors,
+    gather_rows,
+    low_rank_inputs,
+    sort_by_expert,
+    sum_low_rank_outputs,
+    sum_token_rows,
+)
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
@@ -189,6 +196,36 @@ def test_sort_by_expert_groups_assignments_and_inverts() -> None:
     assert torch.equal(routing.order[routing.inverse], torch.arange(8))
 
 
+def test_row_gather_and_token_sum_are_adjoint_and_match_index_select() -> None:
+    indices = torch.tensor([[3, 0], [0, 2], [3, 2], [1, 0], [2, 1]])
+    routing = sort_by_expert(indices, num_experts=4)
+    source = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(gather_rows(source, routing), source[routing.tokens])
+    expected_sums = torch.zeros(5, 3, dtype=torch.float64).index_add(0, routing.tokens, rows)
+    torch.testing.assert_close(sum_token_rows(rows, routing).double(), expected_sums)
+    assert torch.autograd.gradcheck(lambda x: gather_rows(x, routing), (source,))
+    assert torch.autograd.gradcheck(lambda x: sum_token_rows(x, routing).double(), (rows,))
+
+
+def test_low_rank_helpers_match_per_expert_products() -> None:
+    indices = torch.tensor([[3, 0], [0, 2], [3, 2], [1, 0], [2, 1]])
+    routing = sort_by_expert(indices, num_experts=4)
+    tokens, lora_a = torch.randn(5, 6), torch.randn(4, 6, 2)
+    picked = low_rank_inputs(tokens, lora_a, routing)
+    for row, (token, expert) in enumerate(
+        zip(routing.tokens.tolist(), routing.experts.tolist(), strict=True)
+    ):
+        torch.testing.assert_close(picked[row], tokens[token] @ lora_a[expert])
+    inputs, lora_b = torch.randn(10, 2), torch.randn(4, 2, 7)
+    expected = torch.zeros(5, 7)
+    for row, (token, expert) in enumerate(
+        zip(routing.tokens.tolist(), routing.experts.tolist(), strict=True)
+    ):
+        expected[token] += inputs[row] @ lora_b[expert]
+    torch.testing.assert_close(sum_low_rank_outputs(inputs, lora_b, routing), expected)
+
+
 def experts_with_adapters(
     hidden: int = 32,
     inner: int = 24,
@@ -241,7 +278,13 @@ def experts_outputs_and_grads(experts_fn, experts: Experts, hidden, indices, wei
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize(
     "targets,rank,used_experts",
-    [(("experts",), 8, None), (("experts",), 3, 4), (("gate_up_proj",), 8, None), ((), 8, 2)],
+    [
+        (("experts",), 8, None),
+        (("experts",), 3, 4),
+        (("gate_up_proj",), 8, None),
+        (("down_proj",), 8, None),
+        ((), 8, 2),
+    ],
 )
 def test_grouped_experts_match_the_eager_loop_with_gradients(compile, targets, rank, used_experts) -> None:
     experts = experts_with_adapters(rank=rank, targets=targets)

@@ -392,11 +392,12 @@ def test_padded_shapes_get_one_untimed_step_each_before_timing() -> None:
     assert with_shape_warmup(planned, warmup=0) == (planned, 0)  # the first step stays the shared batch
 
 
-def test_experts_profile_lists_the_grouped_gemms(tmp_path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the bench's models are bf16
+def test_experts_profile_lists_the_grouped_gemms(tmp_path, dtype) -> None:
     from gptoss_tune.bench.components import profile_experts
     from gptoss_tune.kernels import GroupedExperts
 
-    model = GptOss(preset_config("tiny"))
+    model = GptOss(preset_config("tiny")).to(dtype)
     apply_lora(model, LoraOptions.from_strings(rank=4, alpha=8, targets="experts"))
     path = profile_experts(model, 64, torch.device("cpu"), GroupedExperts(compile=False), tmp_path / "p.txt")
     text = path.read_text()

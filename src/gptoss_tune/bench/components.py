@@ -209,14 +209,14 @@ def profile_experts(
     from torch.profiler import ProfilerActivity, profile
 
     layer = model.model.layers[0].mlp
-    hidden = torch.randn(tokens, model.config.hidden_size, device=device, requires_grad=True)
+    compute = layer.router.weight.dtype  # the router runs outside autocast, in the weights' dtype
+    hidden = torch.randn(tokens, model.config.hidden_size, device=device, dtype=compute, requires_grad=True)
     indices, weights = layer.router(hidden.detach())
     weights = weights.detach().requires_grad_(True)
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def run() -> None:
-        with torch.autocast(device.type, dtype=compute, enabled=device.type == "cuda"):
-            experts_fn(layer.experts, hidden.to(compute), indices, weights).float().sum().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            experts_fn(layer.experts, hidden, indices, weights).float().sum().backward()
 
     run()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
