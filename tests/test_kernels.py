@@ -39,6 +39,8 @@ from gptoss_tune.model.gpt_oss import (
     document_ids,
     eager_attention,
     eager_experts,
+    rms_norm,
+    rotate_query_key,
 )
 from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
 from gptoss_tune.model.presets import preset_config
@@ -493,6 +495,33 @@ def test_enable_fast_paths_trains_the_same_as_the_eager_model() -> None:
     assert abs(actual_loss - expected_loss) <= FP32_TOLERANCE * expected_loss
     for name, grad in expected.items():
         assert relative_error(actual[name], grad) <= 1e-4, name
+
+
+def test_compiled_norm_and_rotary_match_the_eager_functions_with_gradients() -> None:
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(16, generator=generator, requires_grad=True)
+    query = torch.randn(2, 4, 5, 8, generator=generator, requires_grad=True)
+    key = torch.randn(2, 2, 5, 8, generator=generator, requires_grad=True)
+    angles = torch.randn(2, 5, 4, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    installed = enable_fast_paths(small_model(), compile=True)
+    cases = [
+        (rms_norm, installed.norm, (hidden, weight, 1e-5), (hidden, weight)),
+        (rotate_query_key, installed.rotary, (query, key, cos, sin), (query, key)),
+    ]
+    for eager, compiled, args, inputs in cases:
+        expected, got = eager(*args), compiled(*args)
+        expected, got = (
+            torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out
+            for out in (expected, got)
+        )
+        probe = torch.randn(expected.shape, generator=generator)
+        want = torch.autograd.grad(expected, inputs, probe)
+        have = torch.autograd.grad(got, inputs, probe)
+        assert relative_error(got, expected) <= FP32_TOLERANCE
+        for g, w in zip(have, want, strict=True):
+            assert relative_error(g, w) <= FP32_TOLERANCE
 
 
 def test_fast_model_forward_with_flex_attention_matches_eager() -> None:

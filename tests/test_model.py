@@ -13,7 +13,9 @@ from gptoss_tune.model.gpt_oss import (
     chunked_causal_lm_loss,
     document_ids,
     eager_attention,
+    rms_norm,
     rope_settings,
+    rotate_query_key,
     shift_labels,
 )
 from gptoss_tune.model.presets import preset_config
@@ -209,13 +211,27 @@ def test_set_kernels_routes_every_layer_through_the_given_functions(pair) -> Non
         calls.append(kwargs["sliding_window"])
         return eager_attention(*args, **kwargs)
 
-    ours.set_kernels(attention=recording_attention)
+    norms: list[int] = []
+    rotations: list[tuple[int, int]] = []
+
+    def recording_norm(hidden, weight, eps):
+        norms.append(hidden.shape[-1])
+        return rms_norm(hidden, weight, eps)
+
+    def recording_rotary(query, key, cos, sin):
+        rotations.append((query.shape[1], key.shape[1]))
+        return rotate_query_key(query, key, cos, sin)
+
+    ours.set_kernels(attention=recording_attention, norm=recording_norm, rotary=recording_rotary)
     try:
         with torch.no_grad():
             ours(torch.zeros(1, 4, dtype=torch.long))
     finally:
-        ours.set_kernels(attention=eager_attention)
+        ours.set_kernels(attention=eager_attention, norm=rms_norm, rotary=rotate_query_key)
     assert calls == [8, None]
+    config = ours.config
+    assert norms == [config.hidden_size] * (2 * config.num_hidden_layers + 1)  # 2 per layer + final
+    assert rotations == [(config.num_attention_heads, config.num_key_value_heads)] * config.num_hidden_layers
 
 
 # --- OpenAI's reference implementation (gpt_oss.torch.model) -------------------------------------

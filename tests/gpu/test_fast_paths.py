@@ -281,7 +281,13 @@ def test_fast_model_in_bf16_is_as_accurate_as_the_eager_model(flex, grouped) -> 
     truth_loss, truth = loss_and_lora_grads(truth_model, autocast=False)
     eager_loss, eager = loss_and_lora_grads(small_model())
     fast = small_model()
-    fast.set_kernels(attention=flex, experts=grouped, loss=FusedLinearCrossEntropy(compile=True))
+    fast.set_kernels(
+        attention=flex,
+        experts=grouped,
+        loss=FusedLinearCrossEntropy(compile=True),
+        norm=torch.compile(rms_norm, dynamic=True),
+        rotary=torch.compile(rotate_query_key, dynamic=True),
+    )
     fast_loss, actual = loss_and_lora_grads(fast)
     assert abs(fast_loss - truth_loss) <= 2 * abs(eager_loss - truth_loss) + 1e-3
     for name, grad in truth.items():
@@ -297,6 +303,8 @@ def test_enable_fast_paths_installs_every_kernel() -> None:
     assert layer.self_attn.attention_fn is installed.attention
     assert layer.mlp.experts_fn is installed.experts
     assert model.loss_fn is installed.loss
+    assert layer.self_attn.rotary_fn is installed.rotary and installed.rotary is not None
+    assert layer.input_layernorm.norm_fn is installed.norm and model.model.norm.norm_fn is installed.norm
 
 
 def test_checkpointing_plan_follows_the_budget(flex, grouped) -> None:

@@ -236,7 +236,7 @@ class OursRecipe(Recipe):
                 model, compile=self.options.compile, loss_chunk_tokens=self.options.loss_chunk_tokens
             )
         else:  # reuse the compiled kernels of an earlier setup
-            model.set_kernels(self.kernels.attention, self.kernels.experts, self.kernels.loss)
+            self.kernels.install(model)
         self.notes["kernels"] = self.kernels.describe()
         if self.options.compile and compile_mxfp4_dequantization(model):
             self.notes["dequantize"] = "compiled"

@@ -5,20 +5,24 @@
 - `loss.FusedLinearCrossEntropy`: chunked linear cross-entropy that computes the hidden gradient
   in forward (two lm_head GEMMs per trained token instead of three).
 - `memory.plan_activation_checkpointing`: checkpoint only the layers the memory budget needs.
+- compiled RMSNorm and rotary embedding (`torch.compile` of the model's own functions): one kernel
+  each way instead of a chain of elementwise ones between the GEMMs.
 
-`enable_fast_paths(model)` installs the first three (and, compiled, the one-kernel MXFP4
-dequantization); call it after the adapters are attached.
+`enable_fast_paths(model)` installs them (and, compiled, the one-kernel MXFP4 dequantization);
+call it after the adapters are attached.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gptoss_tune.kernels.attention import FlexAttention
 from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
 from gptoss_tune.kernels.memory import plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
-from gptoss_tune.model.gpt_oss import GptOss
+from gptoss_tune.model.gpt_oss import GptOss, NormFn, RotaryFn, rms_norm, rotate_query_key
 from gptoss_tune.model.mxfp4 import compiled_dequantize_experts
 
 __all__ = [
@@ -39,6 +43,11 @@ class FastPaths:
     attention: FlexAttention | None
     experts: GroupedExperts | None
     loss: FusedLinearCrossEntropy | None
+    norm: NormFn | None = None
+    rotary: RotaryFn | None = None
+
+    def install(self, model: GptOss) -> None:
+        model.set_kernels(self.attention, self.experts, self.loss, self.norm, self.rotary)
 
     def describe(self) -> str:
         parts = []
@@ -48,6 +57,8 @@ class FastPaths:
             parts.append("grouped experts" + (" (compiled epilogues)" if self.experts.compiled else ""))
         if self.loss is not None:
             parts.append(f"fused linear cross-entropy ({self.loss.chunk_tokens}-token chunks)")
+        if self.norm is not None or self.rotary is not None:
+            parts.append("compiled norms and rotary")
         return ", ".join(parts) or "eager"
 
 
@@ -62,13 +73,16 @@ def enable_fast_paths(
 ) -> FastPaths:
     """Swap the model's attention, experts and loss for the fast paths (shapes they cannot take
     still go through the eager reference). `compile` applies torch.compile where it pays: the
-    FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk."""
+    FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk, the norms
+    and the rotary embedding."""
     installed = FastPaths(
         attention=FlexAttention(compile=compile) if attention else None,
         experts=GroupedExperts(compile=compile) if experts else None,
         loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
+        norm=torch.compile(rms_norm, dynamic=True) if compile else None,
+        rotary=torch.compile(rotate_query_key, dynamic=True) if compile else None,
     )
-    model.set_kernels(attention=installed.attention, experts=installed.experts, loss=installed.loss)
+    installed.install(model)
     if compile:
         compile_mxfp4_dequantization(model)
     return installed

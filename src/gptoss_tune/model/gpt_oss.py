@@ -69,8 +69,20 @@ def attention_mask(documents: Tensor, sliding_window: int | None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Swappable compute: attention and experts
+# Swappable compute: attention, experts, norms, rotary embedding
 # ---------------------------------------------------------------------------------------------------
+
+
+class NormFn(Protocol):
+    def __call__(self, hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """RMSNorm of hidden [..., H] with weight [H]."""
+        ...
+
+
+class RotaryFn(Protocol):
+    def __call__(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """query [B, Hq, T, D], key [B, Hkv, T, D], cos / sin [B, T, D / 2] -> rotated (query, key)."""
+        ...
 
 
 class AttentionFn(Protocol):
@@ -169,16 +181,22 @@ def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expe
 # ---------------------------------------------------------------------------------------------------
 
 
+def rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """gpt-oss's RMSNorm: normalized and scaled in fp32, returned in the input's dtype."""
+    normed = hidden.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed).to(hidden.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.norm_fn: NormFn = rms_norm
 
     def forward(self, hidden: Tensor) -> Tensor:
-        normed = hidden.float()
-        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * normed).to(hidden.dtype)
+        return self.norm_fn(hidden, self.weight, self.eps)
 
 
 def rope_settings(config: GptOssConfig) -> dict:
@@ -228,6 +246,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
+def rotate_query_key(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GptOssConfig, layer_index: int) -> None:
         super().__init__()
@@ -244,6 +266,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
         self.attention_fn: AttentionFn = eager_attention
+        self.rotary_fn: RotaryFn = rotate_query_key
 
     def _heads(self, projected: Tensor) -> Tensor:
         batch, length, _ = projected.shape
@@ -251,8 +274,9 @@ class Attention(nn.Module):
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
         batch, length, _ = hidden.shape
-        query = apply_rotary(self._heads(self.q_proj(hidden)), cos, sin)
-        key = apply_rotary(self._heads(self.k_proj(hidden)), cos, sin)
+        query, key = self.rotary_fn(
+            self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), cos, sin
+        )
         value = self._heads(self.v_proj(hidden))
         attended = self.attention_fn(
             query,
@@ -481,14 +505,22 @@ class GptOss(nn.Module):
         attention: AttentionFn | None = None,
         experts: ExpertsFn | None = None,
         loss: LossFn | None = None,
+        norm: NormFn | None = None,
+        rotary: RotaryFn | None = None,
     ) -> None:
-        """Swap the attention and / or expert computation of every layer, and / or the loss (e.g. for
-        GPU kernels)."""
+        """Swap the attention, expert, norm and / or rotary computation of every layer, and / or the
+        loss (e.g. for GPU kernels); None keeps the current one."""
         for layer in self.model.layers:
             if attention is not None:
                 layer.self_attn.attention_fn = attention
+            if rotary is not None:
+                layer.self_attn.rotary_fn = rotary
             if experts is not None:
                 layer.mlp.experts_fn = experts
+        if norm is not None:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.norm_fn = norm
         if loss is not None:
             self.loss_fn = loss
 

@@ -168,8 +168,11 @@ class LoraLinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        low_rank = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + low_rank * self.scaling
+        base = F.linear(x, self.weight, self.bias)
+        low_rank = F.linear(self.lora_dropout(x), self.lora_A).flatten(0, -2)
+        # base + s * (x A^T) B^T as one GEMM with an accumulating epilogue (no [N, out] temporaries)
+        out = torch.addmm(base.flatten(0, -2), low_rank, self.lora_B.t(), alpha=self.scaling)
+        return out.view(base.shape)
 
 
 class ExpertLora(nn.Module):
