@@ -4,8 +4,11 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 W=$OUT/w
 mkdir -p "$W"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed: run ../shared/device/wheels.sh and carry .whl"; exit 1; }
+if [ ! -f /tmp/site/.installed ]; then  # once per machine: scripts may source this file again
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed: run ../shared/device/wheels.sh and carry .whl"; exit 1; }
+  touch /tmp/site/.installed
+fi
 export PYTHONPATH=/tmp/site:$PWD/src TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # runs of one call share compiled kernels
 {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One x2 call: a 200-step run with the fast paths and one with the eager reference kernels, side by
-# side (one GPU each), same 2-layer 20b-shaped random model and data; the curves must track.
+# side (one GPU each, from FIRST_GPU, default 0), same 2-layer 20b-shaped random model and data; the curves must track.
 # Writes $OUT/metrics-fast.jsonl, $OUT/metrics-eager.jsonl and prints the comparison.
 source scripts/gpu/env.sh
 LIMIT=${LIMIT:-170}
@@ -10,7 +10,7 @@ from gptoss_tune.bench.run import bench_config
 from gptoss_tune.bench.scaling import write_bench_checkpoint
 write_bench_checkpoint(bench_config('20b', 2), Path('/tmp/m2'), 0)" || exit 1
 python3 -m gptoss_tune make-data --rows 2000 --seed 1 -o /tmp/d.jsonl > /dev/null || exit 1
-gpu=0
+gpu=${FIRST_GPU:-0}  # this GPU and the next
 for kernels in fast eager; do
   CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" python3 -m gptoss_tune train --model /tmp/m2 --data /tmp/d.jsonl \
     --output "/tmp/run-$kernels" --kernels "$kernels" --expert-storage bf16 --max-steps 200 \
@@ -40,4 +40,3 @@ if n:
     tail = min(20, n)
     print(f"mean of the last {tail}: fast {sum(fast[n - tail:n]) / tail:.4f}, eager {sum(eager[n - tail:n]) / tail:.4f}")
 PY
-rm -rf "$W"

@@ -22,6 +22,8 @@ from gptoss_tune.model.gpt_oss import (
     document_ids,
     eager_attention,
     eager_experts,
+    rms_norm,
+    rotate_query_key,
 )
 from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
 from gptoss_tune.model.presets import preset_config

@@ -70,28 +70,39 @@ def measure_layer_memory(
     model: GptOss, tokens: int, dtype: torch.dtype = torch.bfloat16, layer_index: int = 0
 ) -> LayerMemory:
     """Run one layer forward and backward on random input (CUDA) and measure what it keeps and its
-    transient peak. Leaves no gradient behind. Also warms up (compiles) the layer's kernels."""
+    transient peak. Leaves no gradient behind. A first, unmeasured run warms up (compiles) the
+    layer's kernels and settles their caches (e.g. a block mask replaced during the measured
+    forward would otherwise count as negative memory)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError("measure_layer_memory needs the model on a CUDA device")
     layer = model.model.layers[layer_index]
-    trainable = [p for p in layer.parameters() if p.requires_grad]
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        output: Tensor = layer(hidden, cos, sin, documents)
-        torch.cuda.synchronize(device)
-        saved = torch.cuda.memory_allocated(device) - before - output.numel() * output.element_size()
-        output.backward(torch.randn_like(output))
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    for param in trainable:
-        param.grad = None
-    del hidden, output
+        for _warmup_then_measure in range(2):
+            saved, peak = _layer_forward_backward_bytes(layer, hidden, cos, sin, documents)
     checkpointed = tokens * model.config.hidden_size * dtype.itemsize
     return LayerMemory(saved=max(saved, 0), checkpointed=checkpointed, transient=max(peak - saved, 0))
+
+
+def _layer_forward_backward_bytes(
+    layer: torch.nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor
+) -> tuple[int, int]:
+    """(bytes kept from forward to backward beyond the output, peak bytes of forward + backward)."""
+    device = hidden.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    output: Tensor = layer(hidden, cos, sin, documents)
+    torch.cuda.synchronize(device)
+    saved = torch.cuda.memory_allocated(device) - before - output.numel() * output.element_size()
+    output.backward(torch.randn_like(output))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    hidden.grad = None
+    for param in layer.parameters():
+        param.grad = None
+    return saved, peak
 
 
 def auto_budget_bytes(device: torch.device) -> int:
