@@ -512,12 +512,12 @@ def bench(
     )
     report = runner.run()
     console.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
-    if record:
-        console.print(f"[bold]recorded[/bold] in {record_report(report, _command_line(ctx), record_file)}")
     if components:
         report.components = runner.time_components(output / "profile-experts.txt" if profile else None)
         write_results(report, output)
         console.print(components_table(report.components), markup=False, highlight=False, soft_wrap=True)
+    if record:  # after the components, so that the record has their table too
+        console.print(f"[bold]recorded[/bold] in {record_report(report, _command_line(ctx), record_file)}")
     console.print(f"[bold]wrote[/bold] {output}")
 
 
