@@ -371,6 +371,20 @@ def test_bench_with_mxfp4_experts_runs_ours_on_a_cpu_and_records_the_storage(tmp
     assert "experts stored MXFP4" in recorded and "| ours | ok |" in recorded
 
 
+def test_bench_record_includes_the_components_table(tmp_path, monkeypatch) -> None:
+    from gptoss_tune.bench.run import Bench
+
+    timed = [{"component": "experts: stand-in row", "tokens": 256, "ms": 1.5, "peak_mib": 3}]
+    monkeypatch.setattr(Bench, "time_components", lambda self, profile_path=None: timed)  # CUDA-only
+    record_file = tmp_path / "benchmarks.md"
+    arguments = ["bench", "--preset", "tiny", "--recipes", "ours", "--tokens-per-batch", "256"]
+    arguments += ["--steps", "1", "--warmup", "0", "--no-compile", "--device", "cpu", "--components"]
+    arguments += ["--output", str(tmp_path / "out"), "--record", "--record-file", str(record_file)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "| experts: stand-in row | 256 | 1.50 |" in record_file.read_text()
+
+
 def test_bench_refuses_transformers_recipes_with_mxfp4_experts(tmp_path) -> None:
     arguments = ["bench", "--preset", "tiny", "--expert-storage", "mxfp4", "--recipes", "ours,cookbook"]
     result = CliRunner().invoke(app, [*arguments, "--device", "cpu", "--output", str(tmp_path)])

@@ -2,7 +2,8 @@
 # One x4 call, four single-GPU jobs side by side (each on its own GPU), about LIMIT seconds:
 #   GPU 0: tests/gpu, then the long-context curve (20b, one sequence of 16k .. 128k tokens)
 #   GPU 1: full-depth 20b, ours vs stock vs cookbook, 16k tokens per micro-batch (60 GiB budget)
-#   GPU 2: full-depth 20b ours with room for every activation (no recompute) + per-component profile
+#   GPU 2: full-depth 20b ours with room for every activation (no recompute) + per-component profile,
+#          then the kernel table of whole 2-layer training steps (scripts/gpu/profile_step.py)
 #   GPU 3: a 20b MXFP4 checkpoint written by init-model, its load time (tests/gpu), then 20b at 8k, no recompute
 # Results: $OUT/results.tgz (logs and bench records); a summary is printed last.
 source scripts/gpu/env.sh
@@ -11,7 +12,7 @@ deadline=$(( $(date +%s) + LIMIT ))
 left() { echo $(( deadline - $(date +%s) )); }
 
 (
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest tests/gpu -q -rfE --durations=6 -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest tests/gpu -q -rfE --durations=6 -p no:cacheprovider \
     > "$W/gpu-tests.log" 2>&1
   echo "tests rc=$?" >> "$W/gpu-tests.log"
   CUDA_VISIBLE_DEVICES=0 timeout "$(left)" bash -c "python3 -m gptoss_tune bench --preset 20b \
@@ -20,9 +21,13 @@ left() { echo $(( deadline - $(date +%s) )); }
 ) &
 CUDA_VISIBLE_DEVICES=1 timeout "$LIMIT" python3 -m gptoss_tune bench --preset 20b --tokens-per-batch 16384 \
   --steps 3 --warmup 2 --output "$W/side" --record --record-file "$W/rec-side.md" > "$W/side.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=2 timeout "$LIMIT" python3 -m gptoss_tune bench --preset 20b --recipes ours \
-  --tokens-per-batch 16384 --memory-budget-gib 130 --steps 4 --warmup 2 --components --profile --output "$W/roomy" \
-  --record --record-file "$W/rec-roomy.md" > "$W/roomy.log" 2>&1 &
+(
+  export CUDA_VISIBLE_DEVICES=2
+  timeout "$(left)" python3 -m gptoss_tune bench --preset 20b --recipes ours --tokens-per-batch 16384 \
+    --memory-budget-gib 130 --steps 4 --warmup 2 --components --profile --output "$W/roomy" \
+    --record --record-file "$W/rec-roomy.md" > "$W/roomy.log" 2>&1
+  timeout "$(left)" python3 scripts/gpu/profile_step.py 2 16384 "$W/profile-step.txt" > "$W/step.log" 2>&1
+) &
 (
   export CUDA_VISIBLE_DEVICES=3
   start=$(date +%s)
@@ -39,6 +44,7 @@ wait
 
 echo "== tests/gpu";  tail -n 12 "$W/gpu-tests.log"
 echo "== load";       grep -E "rc=|load:|passed|failed|dropped" "$W/load.log"
+echo "== step profile"; grep "per forward" "$W/step.log"; head -n 30 "$W/profile-step.txt" | cut -c1-72,170-215
 for run in side roomy roomy8k long; do
   echo "== $run"; grep -E "^\| |OOM|Error" "$W/$run.log" | head -n 30
 done

@@ -15,7 +15,7 @@ W + BA is never formed. The low-rank factors take whichever GEMM shape is cheape
   - (x A_e) B_e is a thin grouped GEMM over the sorted rows (it must be per assignment: the SwiGLU
     follows);
   - act A'_e is a thin grouped GEMM; the routing-weighted sum over a token's experts of
-    (act A'_e) B'_e is one dense GEMM of the per-token [E*r] "spread" (zeros except the token's k
+    (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
 Moving rows between token order and sorted order never uses atomics: gathering is an index_select
 whose backward sums each token's k rows, and summing a token's k rows is an index_select whose
@@ -78,11 +78,14 @@ class SortedAssignments:
     offsets: Tensor  # [E] int32, end of each expert's rows
     inverse: Tensor  # [S] the sorted position of each flattened assignment
     top_k: int
-    num_experts: int
 
     @property
     def num_tokens(self) -> int:
         return self.order.numel() // self.top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.numel()
 
     @cached_property
     def slots(self) -> Tensor:
@@ -99,7 +102,7 @@ def sort_by_expert(expert_indices: Tensor, num_experts: int) -> SortedAssignment
     offsets = torch.searchsorted(experts, bounds, right=True).to(torch.int32)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return SortedAssignments(order, order // top_k, experts, offsets, inverse, top_k, num_experts)
+    return SortedAssignments(order, order // top_k, experts, offsets, inverse, top_k)
 
 
 def _sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
