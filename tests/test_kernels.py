@@ -24,11 +24,15 @@ from gptoss_tune.kernels.loss import linear_cross_entropy_sum
 from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
 from gptoss_tune.kernels.moe import (
     aligned_lora_factors,
-    gather_rows,
+    clamped_swiglu,
+    clamped_swiglu_backward,
+    grouped_weight_grad,
     low_rank_inputs,
+    pick_slots,
+    place_in_slots,
     sort_by_expert,
     sum_low_rank_outputs,
-    sum_token_rows,
+    sum_over_slots,
 )
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
@@ -198,16 +202,38 @@ def test_sort_by_expert_groups_assignments_and_inverts() -> None:
     assert torch.equal(routing.order[routing.inverse], torch.arange(8))
 
 
-def test_row_gather_and_token_sum_are_adjoint_and_match_index_select() -> None:
+def test_token_sums_and_slot_grids_match_scatter_adds_and_are_adjoint() -> None:
     indices = torch.tensor([[3, 0], [0, 2], [3, 2], [1, 0], [2, 1]])
     routing = sort_by_expert(indices, num_experts=4)
-    source = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    rows = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.equal(gather_rows(source, routing), source[routing.tokens])
+    rows = torch.randn(10, 3, dtype=torch.float64)
     expected_sums = torch.zeros(5, 3, dtype=torch.float64).index_add(0, routing.tokens, rows)
-    torch.testing.assert_close(sum_token_rows(rows, routing).double(), expected_sums)
-    assert torch.autograd.gradcheck(lambda x: gather_rows(x, routing), (source,))
-    assert torch.autograd.gradcheck(lambda x: sum_token_rows(x, routing).double(), (rows,))
+    torch.testing.assert_close(sum_over_slots(rows, routing), expected_sums)
+    grid = place_in_slots(rows, routing)  # [N, E * 3]
+    for row, (token, expert) in enumerate(
+        zip(routing.tokens.tolist(), routing.experts.tolist(), strict=True)
+    ):
+        assert torch.equal(grid[token, 3 * expert : 3 * expert + 3], rows[row])
+    assert grid.count_nonzero() == rows.count_nonzero()  # zeros elsewhere
+    per_token = torch.randn(5, 12, dtype=torch.float64)
+    # <place(rows), per_token> == <rows, pick(per_token)>: pick_slots is place_in_slots' adjoint
+    torch.testing.assert_close((grid * per_token).sum(), (rows * pick_slots(per_token, routing)).sum())
+
+
+def test_grouped_weight_grad_is_the_per_group_product() -> None:
+    offsets = torch.tensor([3, 3, 7], dtype=torch.int32)  # the middle group is empty
+    inputs, grads = torch.randn(7, 4), torch.randn(7, 8)
+    expected = torch.stack([inputs[:3].t() @ grads[:3], torch.zeros(4, 8), inputs[3:].t() @ grads[3:]])
+    torch.testing.assert_close(grouped_weight_grad(inputs, grads, offsets), expected)
+
+
+def test_swiglu_backward_matches_autograd_including_the_clamp_ends() -> None:
+    limit, alpha = 7.0, 1.702
+    gate_up = 4 * torch.randn(6, 16, dtype=torch.float64)
+    gate_up[0, :4] = torch.tensor([limit, limit, -limit, -limit], dtype=torch.float64)  # on the bounds
+    gate_up.requires_grad_(True)
+    grad = torch.randn(6, 8, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(clamped_swiglu(gate_up, alpha, limit), gate_up, grad)
+    torch.testing.assert_close(clamped_swiglu_backward(gate_up.detach(), grad, alpha, limit), expected)
 
 
 def test_low_rank_helpers_match_per_expert_products() -> None:
@@ -323,6 +349,38 @@ def test_grouped_experts_in_bf16_stay_within_bf16_error() -> None:
     assert relative_error(actual, expected) <= BF16_TOLERANCE
     for got, want in zip(actual_grads, expected_grads, strict=True):
         assert relative_error(got, want) <= BF16_TOLERANCE
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `run()` builds its graph."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def test_grouped_experts_keep_only_tokens_pre_activation_and_low_rank_inputs_for_backward() -> None:
+    hidden_size, inner, tokens, top_k, rank = 64, 96, 50, 2, 8
+    experts = experts_with_adapters(hidden=hidden_size, inner=inner, rank=rank)
+    hidden, indices, weights = routing_inputs(tokens, experts.num_experts, top_k, hidden_size)
+    rows = tokens * top_k
+    budget = 4 * (tokens * hidden_size + rows * 2 * inner + 2 * rows * rank + rows)  # fp32
+    assert saved_bytes(lambda: GroupedExperts(compile=False)(experts, hidden, indices, weights)) <= budget
+    # autograd through the eager loop keeps several [S, I] and [S, H] tensors more
+    assert saved_bytes(lambda: eager_experts(experts, hidden, indices, weights)) > 1.5 * budget
+
+
+def test_grouped_experts_leave_trainable_base_weights_to_the_eager_loop() -> None:
+    experts = experts_with_adapters()
+    assert GroupedExperts.can_run(experts, torch.float32)
+    experts.down_proj_bias.requires_grad_(True)
+    assert not GroupedExperts.can_run(experts, torch.float32)
 
 
 def test_grouped_experts_fall_back_when_sizes_break_grouped_mm_alignment() -> None:

@@ -17,18 +17,26 @@ W + BA is never formed. The low-rank factors take whichever GEMM shape is cheape
   - act A'_e is a thin grouped GEMM; the routing-weighted sum over a token's experts of
     (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
-Moving rows between token order and sorted order never uses atomics: gathering is an index_select
-whose backward sums each token's k rows, and summing a token's k rows is an index_select whose
-backward gathers (`gather_rows` / `sum_token_rows`, each the other's adjoint).
+Moving rows between token order and sorted order never uses atomics: tokens are gathered with
+index_select, and a token's k rows are summed by gathering them into (token, slot) order and
+reducing over the slots (`sum_over_slots`); every LoRA grid is written with index_copy into
+distinct (token, expert) slots.
 
-The bias, the LoRA sum, the SwiGLU and the routing weights are elementwise "epilogues", compiled
-with torch.compile so each is one fused kernel forward and backward. No host synchronization:
-expert offsets come from a searchsorted on the sorted ids.
+Backward is written by hand (`_LoraExperts`) because it can keep much less than autograd would:
+only the token rows, the pre-activation gate_up and two thin low-rank inputs. The SwiGLU is
+recomputed in backward inside the one fused kernel that backpropagates through it, and the routing
+weights' gradient comes from the down projection's input gradient (<dL/dy, act V> = <(dL/dy) V^T,
+act>), so neither the activation, nor the down output, nor the gathered rows are saved: about 1 GiB
+less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into fewer recomputed
+layers. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
+
+The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are elementwise
+"epilogues", compiled with torch.compile into one kernel each. No host synchronization: expert
+offsets come from a searchsorted on the sorted ids.
 
 Weights are read only through `Experts.gate_up_weight()` / `Experts.down_weight()`, so storage
-(plain bf16, MXFP4 dequantized on the fly) is the `Experts` module's business, and the base GEMMs
-go through `frozen_weight_op`: autograd keeps no reference to the (possibly dequantized) weight and
-backward fetches it again, so a layer's dense experts live only while that layer computes.
+(plain bf16, MXFP4 dequantized on the fly) is the `Experts` module's business. Backward fetches
+them again instead of saving them, so a layer's dense experts live only while that layer computes.
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ from torch import Tensor
 
 from gptoss_tune.model.gpt_oss import Experts, eager_experts
 from gptoss_tune.model.lora import ExpertLora
-from gptoss_tune.model.mxfp4 import frozen_weight_op
 
 GROUPED_MM_ALIGNMENT_BYTES = 16  # grouped_mm wants every row stride a multiple of 16 bytes
 
@@ -105,46 +112,24 @@ def sort_by_expert(expert_indices: Tensor, num_experts: int) -> SortedAssignment
     return SortedAssignments(order, order // top_k, experts, offsets, inverse, top_k)
 
 
-def _sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
-    """Sorted rows [S, D] -> each token's sum of its k rows [N, D], in fp32 at least."""
+def sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
+    """Sorted rows [S, D] -> each token's sum of its k rows [N, D], in fp32 at least. A gather and
+    a reduction over the k slots: no scatter-add (index_add serializes on atomics)."""
     per_slot = rows.index_select(0, routing.inverse)  # (token, slot) order
     accumulate = torch.promote_types(rows.dtype, torch.float32)
     return per_slot.view(routing.num_tokens, routing.top_k, -1).sum(dim=1, dtype=accumulate)
 
 
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, source: Tensor, routing: SortedAssignments) -> Tensor:
-        ctx.routing, ctx.dtype = routing, source.dtype
-        return source.index_select(0, routing.tokens)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _sum_over_slots(grad, ctx.routing).to(ctx.dtype), None
+def pick_slots(per_token: Tensor, routing: SortedAssignments) -> Tensor:
+    """[N, E * D] per-token values for every expert -> [S, D] each sorted assignment's expert's D."""
+    return per_token.reshape(routing.num_tokens * routing.num_experts, -1).index_select(0, routing.slots)
 
 
-class _SumTokenRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows: Tensor, routing: SortedAssignments) -> Tensor:
-        ctx.routing, ctx.dtype = routing, rows.dtype
-        return _sum_over_slots(rows, routing)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad.to(ctx.dtype).index_select(0, ctx.routing.tokens), None
-
-
-def gather_rows(source: Tensor, routing: SortedAssignments) -> Tensor:
-    """Token rows [N, D] -> one row per sorted assignment [S, D]. The backward sums each token's k
-    rows (a gather and a reduction) instead of index_select's scatter-add, which serializes on
-    atomics."""
-    return _GatherRows.apply(source, routing)
-
-
-def sum_token_rows(rows: Tensor, routing: SortedAssignments) -> Tensor:
-    """Sorted rows [S, D] -> each token's sum over its k assignments [N, D], fp32 (the adjoint of
-    `gather_rows`: its backward gathers)."""
-    return _SumTokenRows.apply(rows, routing)
+def place_in_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
+    """The adjoint of `pick_slots`: sorted rows [S, D] -> [N, E * D], zeros for unused experts."""
+    width = rows.shape[-1]
+    grid = rows.new_zeros(routing.num_tokens * routing.num_experts, width).index_copy(0, routing.slots, rows)
+    return grid.view(routing.num_tokens, routing.num_experts * width)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,12 +156,16 @@ def all_experts(factor: Tensor) -> Tensor:
     return factor.permute(1, 0, 2).reshape(dim, experts * rank)
 
 
+def per_expert(side_by_side: Tensor, experts: int) -> Tensor:
+    """The inverse of `all_experts`: [D, E * r] -> [E, D, r]."""
+    dim = side_by_side.shape[0]
+    return side_by_side.view(dim, experts, -1).permute(1, 0, 2)
+
+
 def low_rank_inputs(tokens: Tensor, lora_a: Tensor, routing: SortedAssignments) -> Tensor:
     """x A_e for each sorted assignment [S, r]: the token rows [N, H] times all experts' A at once
     (one dense GEMM, before any gathering), then each assignment's expert's r columns."""
-    rank = lora_a.shape[-1]
-    per_slot = (tokens @ all_experts(lora_a)).view(-1, rank)  # [N * E, r]
-    return per_slot.index_select(0, routing.slots)
+    return pick_slots(tokens @ all_experts(lora_a), routing)
 
 
 def sum_low_rank_outputs(inputs: Tensor, lora_b: Tensor, routing: SortedAssignments) -> Tensor:
@@ -184,12 +173,18 @@ def sum_low_rank_outputs(inputs: Tensor, lora_b: Tensor, routing: SortedAssignme
     placed in a per-token [E * r] grid (zeros for the experts a token does not use), times all
     experts' B at once (one dense GEMM)."""
     experts, rank, width = lora_b.shape
-    grid = inputs.new_zeros(routing.num_tokens * experts, rank).index_copy(0, routing.slots, inputs)
-    return grid.view(routing.num_tokens, experts * rank) @ lora_b.reshape(experts * rank, width)
+    return place_in_slots(inputs, routing) @ lora_b.reshape(experts * rank, width)
+
+
+def grouped_weight_grad(inputs: Tensor, grads: Tensor, offsets: Tensor) -> Tensor:
+    """sum over each group's rows of inputs_s^T grads_s: [S, K] and [S, M] -> [E, K, M] (the
+    gradient of the grouped weights of `grouped_mm(inputs, weights, offsets)`)."""
+    return grouped_mm(inputs.t(), grads, offsets)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Epilogues (elementwise; compiled into one kernel each when compile=True)
+# Epilogues (elementwise; compiled into one kernel each when compile=True). They compute in fp32
+# and return the rows' dtype, so the eager versions round like the compiled ones.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -201,6 +196,20 @@ def clamped_swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def clamped_swiglu_backward(gate_up: Tensor, grad: Tensor, alpha: float, limit: float) -> Tensor:
+    """d clamped_swiglu / d gate_up, given the gradient of its output [..., I] -> [..., 2I]
+    (interleaved like gate_up). A clamp passes the gradient where its input is within the bounds,
+    ends included, as torch.clamp's backward does."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    clamped_gate = gate.clamp(max=limit)
+    sigmoid = torch.sigmoid(clamped_gate * alpha)
+    glu = clamped_gate * sigmoid
+    d_glu = grad * (up.clamp(min=-limit, max=limit) + 1)
+    d_gate = d_glu * sigmoid * (1 + clamped_gate * alpha * (1 - sigmoid)) * (gate <= limit)
+    d_up = grad * glu * ((up >= -limit) & (up <= limit))
+    return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
+
+
 def gate_up_epilogue(
     base: Tensor,
     bias: Tensor,
@@ -209,17 +218,192 @@ def gate_up_epilogue(
     scaling: float,
     alpha: float,
     limit: float,
-) -> Tensor:
-    """SwiGLU(x W_e + b_e + s * update) for the sorted rows."""
-    gate_up = base + bias.index_select(0, experts).to(base.dtype)
+) -> tuple[Tensor, Tensor]:
+    """(gate_up, SwiGLU(gate_up)) with gate_up = x W_e + b_e + s * update, for the sorted rows."""
+    gate_up = base.float() + bias.index_select(0, experts).float()
     if update is not None:
-        gate_up = gate_up + update * scaling
-    return clamped_swiglu(gate_up, alpha, limit)
+        gate_up = gate_up + update.float() * scaling
+    return gate_up.to(base.dtype), clamped_swiglu(gate_up, alpha, limit).to(base.dtype)
 
 
 def down_epilogue(base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
     """weight * (act V_e + c_e) for the sorted rows (the LoRA term is added per token)."""
-    return (base + bias.index_select(0, experts).to(base.dtype)) * weights.unsqueeze(-1)
+    out = (base.float() + bias.index_select(0, experts).float()) * weights.float().unsqueeze(-1)
+    return out.to(base.dtype)
+
+
+def activation_backward_epilogue(
+    gate_up: Tensor,
+    grad_base: Tensor,
+    grad_low_rank: Tensor | None,
+    weights: Tensor,
+    alpha: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward through weight * (act V_e + ...) and act = SwiGLU(gate_up), with the activation
+    recomputed from the saved gate_up. grad_base [S, I] = (dL/dy) V_e^T, the gradient of the base
+    projection's input before the routing weight; grad_low_rank [S, I] the LoRA's (weight already
+    in). Returns (dL/d gate_up [S, 2I], <grad_base, act> per row [S] fp32, act [S, I])."""
+    gate_up_fp32 = gate_up.float()
+    act = clamped_swiglu(gate_up_fp32, alpha, limit)
+    grad_base_fp32 = grad_base.float()
+    base_dot = (grad_base_fp32 * act).sum(dim=-1)
+    grad_act = grad_base_fp32 * weights.float().unsqueeze(-1)
+    if grad_low_rank is not None:
+        grad_act = grad_act + grad_low_rank.float()
+    grad_gate_up = clamped_swiglu_backward(gate_up_fp32, grad_act, alpha, limit)
+    return grad_gate_up.to(gate_up.dtype), base_dot, act.to(gate_up.dtype)
+
+
+@dataclass
+class Epilogues:
+    gate_up: Callable[..., tuple[Tensor, Tensor]] = gate_up_epilogue
+    down: Callable[..., Tensor] = down_epilogue
+    activation_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = activation_backward_epilogue
+
+    @classmethod
+    def compiled(cls) -> Epilogues:
+        return cls(
+            torch.compile(gate_up_epilogue, dynamic=True),
+            torch.compile(down_epilogue, dynamic=True),
+            torch.compile(activation_backward_epilogue, dynamic=True),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward and hand-written backward
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Adapter:
+    """One projection's LoRA in the compute dtype, rank padded for grouped_mm (see
+    `aligned_lora_factors`)."""
+
+    lora_a: Tensor  # [E, in, r']
+    lora_b: Tensor  # [E, r', out]
+    scaling: float
+    rank: int  # the unpadded rank
+
+    @classmethod
+    def of(cls, lora: ExpertLora | None, dtype: torch.dtype) -> _Adapter | None:
+        if lora is None:
+            return None
+        lora_a, lora_b = aligned_lora_factors(lora, dtype)
+        return cls(lora_a, lora_b, lora.scaling, lora.lora_A.shape[-1])
+
+    def grads(self, grad_a: Tensor, grad_b: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Padded [E, in, r'] and [E, r', out] gradients -> the parameters' shapes and dtype."""
+        return grad_a[..., : self.rank].to(like.dtype), grad_b[:, : self.rank].to(like.dtype)
+
+
+class _LoraExperts(torch.autograd.Function):
+    """The experts' output [N, H] (fp32) from the token rows [N, H] and routing weights [N, k].
+
+    Saves only the token rows, the pre-activation gate_up [S, 2I] and two [S, r] low-rank inputs;
+    backward recomputes the SwiGLU and gets the routing weights' gradient from the down projection's
+    input gradient (<dL/dy, act V_e> = <(dL/dy) V_e^T, act>), so neither the activation nor the down
+    output is kept. The base weights are frozen and fetched again in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, tokens, expert_weights, gate_up_a, gate_up_b, down_a, down_b, experts, routing, epilogues
+    ):
+        dtype = tokens.dtype
+        gate_up = _Adapter.of(_adapter(experts.gate_up_lora), dtype)
+        down = _Adapter.of(_adapter(experts.down_lora), dtype)
+        weights = expert_weights.reshape(-1).index_select(0, routing.order).to(dtype)
+        with torch.autocast(tokens.device.type, enabled=False):
+            rows = tokens.index_select(0, routing.tokens)
+            base = grouped_mm(rows, experts.gate_up_weight().to(dtype), routing.offsets)
+            del rows
+            gate_up_inputs = update = None
+            if gate_up is not None:
+                gate_up_inputs = low_rank_inputs(tokens, gate_up.lora_a, routing)
+                update = grouped_mm(gate_up_inputs, gate_up.lora_b, routing.offsets)
+            pre_activation, activated = epilogues.gate_up(
+                base, experts.gate_up_proj_bias, routing.experts, update,
+                gate_up.scaling if gate_up else 0.0, experts.alpha, experts.limit,
+            )  # fmt: skip
+            del base, update
+            projected = grouped_mm(activated, experts.down_weight().to(dtype), routing.offsets)
+            weighted = epilogues.down(projected, experts.down_proj_bias, routing.experts, weights)
+            del projected
+            out = sum_over_slots(weighted, routing)
+            down_inputs = None
+            if down is not None:
+                down_inputs = grouped_mm(activated, down.lora_a, routing.offsets)
+                scaled = down_inputs * (weights.unsqueeze(-1) * down.scaling)
+                out = out + sum_low_rank_outputs(scaled, down.lora_b, routing)
+        ctx.save_for_backward(tokens, pre_activation, weights, gate_up_inputs, down_inputs)
+        ctx.experts, ctx.routing, ctx.epilogues = experts, routing, epilogues
+        ctx.adapters = (gate_up, down)
+        ctx.weights_dtype = expert_weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
+        experts, routing, epilogues = ctx.experts, ctx.routing, ctx.epilogues
+        gate_up, down = ctx.adapters
+        dtype, offsets = tokens.dtype, routing.offsets
+        with torch.autocast(tokens.device.type, enabled=False):
+            grad_out = grad_out.to(dtype)
+            grad_rows = grad_out.index_select(0, routing.tokens)  # dL/dy per sorted row, unweighted
+            down_weight = experts.down_weight().to(dtype)
+            grad_base = grouped_mm(grad_rows, down_weight.transpose(-2, -1), offsets)
+            del down_weight, grad_rows
+            # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
+            grad_weights = (
+                pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
+            )
+            grad_low_rank = None
+            if down is not None:
+                # dL/d(act A'_e) = s * w * (dL/dy) B'_e^T, all experts' B' in one dense GEMM.
+                grad_down_b_side = pick_slots(grad_out @ all_experts(down.lora_b.transpose(-2, -1)), routing)
+                grad_weights = grad_weights + down.scaling * (
+                    grad_down_b_side.float() * down_inputs.float()
+                ).sum(-1)
+                grad_down_inputs = grad_down_b_side * (weights.unsqueeze(-1) * down.scaling)
+                grad_low_rank = grouped_mm(grad_down_inputs, down.lora_a.transpose(-2, -1), offsets)
+            grad_pre_activation, base_dot, activated = epilogues.activation_backward(
+                pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
+            )
+            del grad_base, grad_low_rank
+            grad_weights = grad_weights + base_dot
+            grad_down = None
+            if down is not None:
+                scaled = down_inputs * (weights.unsqueeze(-1) * down.scaling)
+                grad_down_lora_b = (place_in_slots(scaled, routing).t() @ grad_out).view_as(down.lora_b)
+                grad_down_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
+                grad_down = down.grads(grad_down_lora_a, grad_down_lora_b, experts.down_lora.lora_A)
+            del activated
+            gate_up_weight = experts.gate_up_weight().to(dtype)
+            grad_tokens = sum_over_slots(
+                grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets), routing
+            )
+            del gate_up_weight
+            grad_gate_up = None
+            if gate_up is not None:
+                grad_update = grad_pre_activation * gate_up.scaling
+                grad_gate_up_b = grouped_weight_grad(gate_up_inputs, grad_update, offsets)
+                grad_inputs = place_in_slots(
+                    grouped_mm(grad_update, gate_up.lora_b.transpose(-2, -1), offsets), routing
+                )
+                grad_gate_up_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
+                grad_tokens = grad_tokens + grad_inputs @ all_experts(gate_up.lora_a).t()
+                grad_gate_up = gate_up.grads(grad_gate_up_a, grad_gate_up_b, experts.gate_up_lora.lora_A)
+        grad_expert_weights = grad_weights.index_select(0, routing.inverse).view(
+            routing.num_tokens, routing.top_k
+        )
+        return (
+            grad_tokens.to(dtype),
+            grad_expert_weights.to(ctx.weights_dtype),
+            *(grad_gate_up or (None, None)),
+            *(grad_down or (None, None)),
+            None, None, None,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,24 +415,21 @@ def _adapter(module: object) -> ExpertLora | None:
     return module if isinstance(module, ExpertLora) else None
 
 
-def _scaling(lora: ExpertLora | None) -> float:
-    return lora.scaling if lora is not None else 0.0
+def _factors(lora: ExpertLora | None) -> tuple[Tensor | None, Tensor | None]:
+    return (lora.lora_A, lora.lora_B) if lora is not None else (None, None)
 
 
 class GroupedExperts:
-    """An `ExpertsFn` (see `gptoss_tune.model.gpt_oss`) on grouped GEMMs.
+    """An `ExpertsFn` (see `gptoss_tune.model.gpt_oss`) on grouped GEMMs, for frozen experts.
 
     Falls back to the eager loop when grouped_mm is missing, when a size breaks grouped_mm's
-    16-byte stride rule, or when an expert adapter is not an `ExpertLora`.
+    16-byte stride rule, when an expert adapter is not an `ExpertLora`, or when a base expert
+    weight or bias is trainable (the hand-written backward keeps no gradient for them).
     """
 
     def __init__(self, compile: bool = True) -> None:
         self.compiled = compile
-        self._gate_up_epilogue: Callable[..., Tensor] = gate_up_epilogue
-        self._down_epilogue: Callable[..., Tensor] = down_epilogue
-        if compile:
-            self._gate_up_epilogue = torch.compile(gate_up_epilogue, dynamic=True)
-            self._down_epilogue = torch.compile(down_epilogue, dynamic=True)
+        self.epilogues = Epilogues.compiled() if compile else Epilogues()
 
     @staticmethod
     def can_run(experts: Experts, dtype: torch.dtype) -> bool:
@@ -257,6 +438,8 @@ class GroupedExperts:
         for slot in (experts.gate_up_lora, experts.down_lora):
             if slot is not None and not isinstance(slot, ExpertLora):
                 return False
+        if any(param.requires_grad for param in experts.parameters(recurse=False)):
+            return False
         double_inner, hidden = experts.gate_up_proj_bias.shape[-1], experts.down_proj_bias.shape[-1]
         return _aligned(hidden, dtype) and _aligned(double_inner // 2, dtype)
 
@@ -267,38 +450,13 @@ class GroupedExperts:
         if not self.can_run(experts, dtype):
             return eager_experts(experts, hidden, expert_indices, expert_weights)
         routing = sort_by_expert(expert_indices, experts.num_experts)
-        tokens = hidden.to(dtype)
-        weights = expert_weights.reshape(-1).index_select(0, routing.order).to(dtype)
-        activated = self.gate_up(experts, tokens, routing)
-        return self.down(experts, activated, routing, weights).to(hidden.dtype)
-
-    def gate_up(self, experts: Experts, tokens: Tensor, routing: SortedAssignments) -> Tensor:
-        """Token rows [N, H] -> activated sorted rows [S, I]."""
-        rows = gather_rows(tokens, routing)
-        base = frozen_weight_op(
-            grouped_mm, rows, experts.gate_up_weight(), experts.gate_up_weight, routing.offsets
+        out = _LoraExperts.apply(
+            hidden.to(dtype),
+            expert_weights,
+            *_factors(_adapter(experts.gate_up_lora)),
+            *_factors(_adapter(experts.down_lora)),
+            experts,
+            routing,
+            self.epilogues,
         )
-        lora, update = _adapter(experts.gate_up_lora), None
-        if lora is not None:
-            lora_a, lora_b = aligned_lora_factors(lora, rows.dtype)
-            update = grouped_mm(low_rank_inputs(tokens, lora_a, routing), lora_b, routing.offsets)
-        bias = experts.gate_up_proj_bias
-        return self._gate_up_epilogue(
-            base, bias, routing.experts, update, _scaling(lora), experts.alpha, experts.limit
-        )
-
-    def down(
-        self, experts: Experts, activated: Tensor, routing: SortedAssignments, weights: Tensor
-    ) -> Tensor:
-        """Activated sorted rows [S, I] -> per-token routing-weighted sums [N, H] (fp32)."""
-        base = frozen_weight_op(
-            grouped_mm, activated, experts.down_weight(), experts.down_weight, routing.offsets
-        )
-        weighted = self._down_epilogue(base, experts.down_proj_bias, routing.experts, weights)
-        out = sum_token_rows(weighted, routing)
-        lora = _adapter(experts.down_lora)
-        if lora is not None:
-            lora_a, lora_b = aligned_lora_factors(lora, activated.dtype)
-            inputs = grouped_mm(activated, lora_a, routing.offsets) * (weights.unsqueeze(-1) * lora.scaling)
-            out = out + sum_low_rank_outputs(inputs, lora_b, routing)
-        return out
+        return out.to(hidden.dtype)
