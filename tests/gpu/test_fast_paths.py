@@ -193,6 +193,51 @@ def test_grouped_experts_match_the_eager_loop(
         assert got[used:].abs().max().item() == 0.0
 
 
+def epilogue_inputs(dtype: torch.dtype, rows: int, inner: int, num_experts: int = 5):
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+
+    def randn(*shape: int, scale: float = 4.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=generator, device=DEVICE)).to(dtype)
+
+    gate_up = randn(rows, 2 * inner)
+    gate_up[0, :6] = torch.tensor([7.0, 7.0, -7.0, -7.0, 7.0, -7.0])  # on the clamp bounds
+    experts = torch.randint(0, num_experts, (rows,), generator=generator, device=DEVICE).sort().values
+    return (
+        gate_up,
+        randn(num_experts, 2 * inner),
+        experts,
+        randn(rows, 2 * inner),
+        randn(rows, inner),
+        randn(rows),
+    )
+
+
+@pytest.mark.parametrize("with_low_rank", [True, False])
+@pytest.mark.parametrize(
+    "dtype,rows,inner",
+    [(torch.bfloat16, 4099, 2880), (torch.float32, 37, 72), (torch.bfloat16, 0, 72)],
+    ids=str,
+)
+def test_triton_epilogues_match_their_references(dtype, rows, inner, with_low_rank) -> None:
+    from gptoss_tune.kernels import moe, moe_triton
+
+    base, bias, experts, update, grad, weights = epilogue_inputs(dtype, rows, inner)
+    update = update if with_low_rank else None
+    expected = moe.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)
+    actual = moe_triton.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)
+    for got, want in zip(actual, expected, strict=True):  # both compute in fp32 and round once
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    gate_up = expected[0]
+    low_rank = grad.clone() if with_low_rank else None
+    expected = moe.activation_backward_epilogue(gate_up, grad, low_rank, weights, 1.702, 7.0)
+    actual = moe_triton.activation_backward_epilogue(gate_up, grad, low_rank, weights, 1.702, 7.0)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if rows:
+            assert relative_error(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------
@@ -218,6 +263,22 @@ def test_fused_loss_matches_the_chunked_reference(dtype) -> None:
     assert abs(actual.item() - expected.item()) <= 1e-4 * abs(expected.item())
     # Both compute the same bf16 logits and round the logit gradient to bf16 once.
     assert relative_error(actual_grad, expected_grad) <= (FP32_TOLERANCE if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("rows,vocab", [(37, 201088), (5, 1000), (0, 1000)])
+def test_triton_loss_chunk_matches_its_reference(rows, vocab) -> None:
+    from gptoss_tune.kernels import loss, loss_triton
+
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
+    logits = (8 * torch.randn(rows, vocab, generator=generator, device=DEVICE)).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), generator=generator, device=DEVICE)
+    if rows:
+        targets[:2] = torch.tensor([0, vocab - 1])  # the first and last columns
+    expected_loss, expected_grad = loss.cross_entropy_sum_and_grad(logits.clone(), targets)
+    actual_loss, actual_grad = loss_triton.cross_entropy_sum_and_grad(logits.clone(), targets)
+    assert actual_grad.dtype == torch.bfloat16 and actual_grad.shape == expected_grad.shape
+    torch.testing.assert_close(actual_loss, expected_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-2, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -196,7 +196,12 @@ def loss_timings(model: GptOss, tokens: int, device: torch.device) -> list[dict]
         timings.append(_timed(f"loss: fused, chunks of {chunk}", tokens, run_with(eager), device))
         compiled = FusedLinearCrossEntropy(chunk, compile=True)
         timings.append(
-            _timed(f"loss: fused + compiled chunk, chunks of {chunk}", tokens, run_with(compiled), device)
+            _timed(
+                f"loss: fused + compiled (Triton on CUDA) chunk, chunks of {chunk}",
+                tokens,
+                run_with(compiled),
+                device,
+            )
         )
     return timings
 

@@ -8,8 +8,9 @@ the chunk's logits are at hand (softmax - one_hot, times lm_head), and keeps onl
 gradient. Two GEMMs per trained token instead of three, and the peak is one chunk of logits.
 
 Only trained positions are computed (labels after the shift, and never across a packed document
-boundary). With `compile=True` the per-chunk softmax / gradient epilogue is one fused kernel that
-reads the low-precision logits twice and never materializes them in fp32.
+boundary). With `compile=True` the per-chunk softmax / gradient epilogue is one kernel that reads
+the low-precision logits twice and never materializes them in fp32 (`loss_triton` on CUDA,
+torch.compile of `cross_entropy_sum_and_grad` elsewhere).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gptoss_tune.kernels import loss_triton
 from gptoss_tune.model.gpt_oss import IGNORE_INDEX, chunked_causal_lm_loss, shift_labels
 
 DEFAULT_CHUNK_TOKENS = 2048
@@ -87,9 +89,17 @@ class FusedLinearCrossEntropy:
     def __init__(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, compile: bool = True) -> None:
         self.chunk_tokens = chunk_tokens
         self.compiled = compile
-        self._chunk_fn: ChunkFn = cross_entropy_sum_and_grad
-        if compile:
-            self._chunk_fn = torch.compile(cross_entropy_sum_and_grad, dynamic=True)
+        self._compiled_chunk_fn: ChunkFn | None = None
+
+    def chunk_fn(self, device: torch.device) -> ChunkFn:
+        """The Triton kernel on CUDA, torch.compile of the reference elsewhere (when compiling)."""
+        if not self.compiled:
+            return cross_entropy_sum_and_grad
+        if loss_triton.available(device):
+            return loss_triton.cross_entropy_sum_and_grad
+        if self._compiled_chunk_fn is None:
+            self._compiled_chunk_fn = torch.compile(cross_entropy_sum_and_grad, dynamic=True)
+        return self._compiled_chunk_fn
 
     def __call__(
         self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, position_ids: Tensor | None
@@ -106,6 +116,6 @@ class FusedLinearCrossEntropy:
         loss_sum = selected.sum(dtype=torch.float32) * 0.0
         if targets.numel():
             loss_sum = loss_sum + linear_cross_entropy_sum(
-                selected, lm_head_weight, targets, self.chunk_tokens, self._chunk_fn
+                selected, lm_head_weight, targets, self.chunk_tokens, self.chunk_fn(hidden.device)
             )
         return loss_sum, count

@@ -49,8 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gptoss_tune.kernels import moe_triton
 from gptoss_tune.model.gpt_oss import Experts, eager_experts
 from gptoss_tune.model.lora import ExpertLora
+
+SlotSum = Callable[[Tensor, Tensor, int], Tensor]
 
 GROUPED_MM_ALIGNMENT_BYTES = 16  # grouped_mm wants every row stride a multiple of 16 bytes
 
@@ -112,12 +115,17 @@ def sort_by_expert(expert_indices: Tensor, num_experts: int) -> SortedAssignment
     return SortedAssignments(order, order // top_k, experts, offsets, inverse, top_k)
 
 
-def sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
+def sum_over_slots(rows: Tensor, routing: SortedAssignments, summed: SlotSum | None = None) -> Tensor:
     """Sorted rows [S, D] -> each token's sum of its k rows [N, D], in fp32 at least. A gather and
-    a reduction over the k slots: no scatter-add (index_add serializes on atomics)."""
-    per_slot = rows.index_select(0, routing.inverse)  # (token, slot) order
+    a reduction over the k slots: no scatter-add (index_add serializes on atomics). `summed` is
+    `sum_slots` or a compiled version of it (one kernel, no gathered copy)."""
+    return (summed or sum_slots)(rows, routing.inverse, routing.top_k)
+
+
+def sum_slots(rows: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+    per_slot = rows.index_select(0, inverse)  # (token, slot) order
     accumulate = torch.promote_types(rows.dtype, torch.float32)
-    return per_slot.view(routing.num_tokens, routing.top_k, -1).sum(dim=1, dtype=accumulate)
+    return per_slot.view(-1, top_k, rows.shape[-1]).sum(dim=1, dtype=accumulate)
 
 
 def pick_slots(per_token: Tensor, routing: SortedAssignments) -> Tensor:
@@ -219,17 +227,22 @@ def gate_up_epilogue(
     alpha: float,
     limit: float,
 ) -> tuple[Tensor, Tensor]:
-    """(gate_up, SwiGLU(gate_up)) with gate_up = x W_e + b_e + s * update, for the sorted rows."""
+    """(gate_up, SwiGLU(gate_up)) with gate_up = x W_e + b_e + s * update, for the sorted rows. The
+    activation is that of the returned (rounded) gate_up: backward recomputes exactly it."""
     gate_up = base.float() + bias.index_select(0, experts).float()
     if update is not None:
         gate_up = gate_up + update.float() * scaling
-    return gate_up.to(base.dtype), clamped_swiglu(gate_up, alpha, limit).to(base.dtype)
+    gate_up = gate_up.to(base.dtype)
+    return gate_up, clamped_swiglu(gate_up.float(), alpha, limit).to(base.dtype)
 
 
-def down_epilogue(base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
-    """weight * (act V_e + c_e) for the sorted rows (the LoRA term is added per token)."""
-    out = (base.float() + bias.index_select(0, experts).float()) * weights.float().unsqueeze(-1)
-    return out.to(base.dtype)
+def down_epilogue(
+    base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor, inverse: Tensor, top_k: int
+) -> Tensor:
+    """Each token's routing-weighted sum of (act V_e + c_e) over its k sorted rows [N, H], fp32
+    (the LoRA term is added per token)."""
+    weighted = (base.float() + bias.index_select(0, experts).float()) * weights.float().unsqueeze(-1)
+    return sum_slots(weighted, inverse, top_k)
 
 
 def activation_backward_epilogue(
@@ -260,14 +273,17 @@ class Epilogues:
     gate_up: Callable[..., tuple[Tensor, Tensor]] = gate_up_epilogue
     down: Callable[..., Tensor] = down_epilogue
     activation_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = activation_backward_epilogue
+    slot_sum: SlotSum = sum_slots
 
     @classmethod
-    def compiled(cls) -> Epilogues:
-        return cls(
-            torch.compile(gate_up_epilogue, dynamic=True),
-            torch.compile(down_epilogue, dynamic=True),
-            torch.compile(activation_backward_epilogue, dynamic=True),
-        )
+    def compiled(cls, device: torch.device) -> Epilogues:
+        """The fastest for `device`: the Triton kernels of the two big ones on CUDA, torch.compile
+        of the references otherwise."""
+        down, slot_sum = torch.compile(down_epilogue, dynamic=True), torch.compile(sum_slots, dynamic=True)
+        if moe_triton.available(device):
+            return cls(moe_triton.gate_up_epilogue, down, moe_triton.activation_backward_epilogue, slot_sum)
+        gate_up = torch.compile(gate_up_epilogue, dynamic=True)
+        return cls(gate_up, down, torch.compile(activation_backward_epilogue, dynamic=True), slot_sum)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,9 +344,10 @@ class _LoraExperts(torch.autograd.Function):
             )  # fmt: skip
             del base, update
             projected = grouped_mm(activated, experts.down_weight().to(dtype), routing.offsets)
-            weighted = epilogues.down(projected, experts.down_proj_bias, routing.experts, weights)
+            out = epilogues.down(
+                projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k
+            )
             del projected
-            out = sum_over_slots(weighted, routing)
             down_inputs = None
             if down is not None:
                 down_inputs = grouped_mm(activated, down.lora_a, routing.offsets)
@@ -380,17 +397,17 @@ class _LoraExperts(torch.autograd.Function):
                 grad_down = down.grads(grad_down_lora_a, grad_down_lora_b, experts.down_lora.lora_A)
             del activated
             gate_up_weight = experts.gate_up_weight().to(dtype)
-            grad_tokens = sum_over_slots(
-                grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets), routing
-            )
-            del gate_up_weight
+            grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
+            grad_tokens = sum_over_slots(grad_rows, routing, epilogues.slot_sum)
+            del gate_up_weight, grad_rows
             grad_gate_up = None
             if gate_up is not None:
-                grad_update = grad_pre_activation * gate_up.scaling
-                grad_gate_up_b = grouped_weight_grad(gate_up_inputs, grad_update, offsets)
-                grad_inputs = place_in_slots(
-                    grouped_mm(grad_update, gate_up.lora_b.transpose(-2, -1), offsets), routing
+                # dL/d update = s * dL/d gate_up: the scaling goes on the thin results, not on [S, 2I]
+                grad_gate_up_b = (
+                    grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * gate_up.scaling
                 )
+                grad_inputs = grouped_mm(grad_pre_activation, gate_up.lora_b.transpose(-2, -1), offsets)
+                grad_inputs = place_in_slots(grad_inputs * gate_up.scaling, routing)
                 grad_gate_up_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
                 grad_tokens = grad_tokens + grad_inputs @ all_experts(gate_up.lora_a).t()
                 grad_gate_up = gate_up.grads(grad_gate_up_a, grad_gate_up_b, experts.gate_up_lora.lora_A)
@@ -429,7 +446,14 @@ class GroupedExperts:
 
     def __init__(self, compile: bool = True) -> None:
         self.compiled = compile
-        self.epilogues = Epilogues.compiled() if compile else Epilogues()
+        self._epilogues: dict[torch.device, Epilogues] = {}
+
+    def epilogues(self, device: torch.device) -> Epilogues:
+        if not self.compiled:
+            return Epilogues()
+        if device not in self._epilogues:
+            self._epilogues[device] = Epilogues.compiled(device)
+        return self._epilogues[device]
 
     @staticmethod
     def can_run(experts: Experts, dtype: torch.dtype) -> bool:
@@ -457,6 +481,6 @@ class GroupedExperts:
             *_factors(_adapter(experts.down_lora)),
             experts,
             routing,
-            self.epilogues,
+            self.epilogues(hidden.device),
         )
         return out.to(hidden.dtype)
