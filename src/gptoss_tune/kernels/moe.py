@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -277,13 +278,28 @@ class Epilogues:
 
     @classmethod
     def compiled(cls, device: torch.device) -> Epilogues:
-        """The fastest for `device`: the Triton kernels of the two big ones on CUDA, torch.compile
-        of the references otherwise."""
-        down, slot_sum = torch.compile(down_epilogue, dynamic=True), torch.compile(sum_slots, dynamic=True)
-        if moe_triton.available(device):
-            return cls(moe_triton.gate_up_epilogue, down, moe_triton.activation_backward_epilogue, slot_sum)
+        """The fastest for `device`: the Triton kernels on CUDA (for bf16 rows; fp32 rows take
+        the compiled references), torch.compile of the references elsewhere."""
         gate_up = torch.compile(gate_up_epilogue, dynamic=True)
-        return cls(gate_up, down, torch.compile(activation_backward_epilogue, dynamic=True), slot_sum)
+        activation_backward = torch.compile(activation_backward_epilogue, dynamic=True)
+        if not moe_triton.available(device):
+            return cls(gate_up, torch.compile(down_epilogue, dynamic=True), activation_backward,
+                       torch.compile(sum_slots, dynamic=True))  # fmt: skip
+        return cls(
+            _bf16_or(moe_triton.gate_up_epilogue, gate_up),
+            moe_triton.down_epilogue,
+            _bf16_or(moe_triton.activation_backward_epilogue, activation_backward),
+            moe_triton.sum_slots,
+        )
+
+
+def _bf16_or(bf16_fn: Callable[..., Any], other_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Calls bf16_fn when the first argument is bf16, other_fn otherwise."""
+
+    def run(rows: Tensor, *args: Any) -> Any:
+        return (bf16_fn if rows.dtype == torch.bfloat16 else other_fn)(rows, *args)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------

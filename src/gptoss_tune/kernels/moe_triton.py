@@ -1,12 +1,15 @@
-"""Triton versions of the experts' two big elementwise epilogues (CUDA only).
+"""Triton versions of the experts' memory-bound epilogues (CUDA, bf16 rows).
 
-References: `gate_up_epilogue` and `activation_backward_epilogue` in `gptoss_tune.kernels.moe`,
-compared with these on random inputs in tests/gpu. torch.compile of those references splits each
-into several kernels (the interleaved [gate, up] columns of gate_up give the [S, 2I] and [S, I]
-tensors different iteration spaces) and runs at 3 to 5x the memory-traffic floor. Here each is one
-pass: a tile of rows x column pairs is loaded contiguously, split into gate and up in registers,
-and written back interleaved (`tl.split` / `tl.join`). The backward also reduces each row's
-<grad_base, act> for the routing weights' gradient in the same pass.
+References, compared with these on random inputs in tests/gpu: `gate_up_epilogue`,
+`activation_backward_epilogue`, `down_epilogue` and `sum_slots` in `gptoss_tune.kernels.moe`.
+
+torch.compile of the references runs at 3 to 6x their memory-traffic floor: gate_up interleaves
+[gate, up] columns, so the [S, 2I] and [S, I] tensors have different iteration spaces and end up
+in separate, strided kernels; the token sums are reductions over only k = 4 gathered rows. Here:
+- a bf16 (gate, up) pair is one 32-bit word, so gate_up is read and written as an int32 [S, I]
+  matrix, contiguous and in the activation's own iteration space; gate is the low half (the
+  first element, little-endian), and a bf16 is the top half of the fp32 with the same value;
+- each token's sum over its k rows is a loop over k in registers, the gathered rows read once.
 """
 
 from __future__ import annotations
@@ -20,69 +23,86 @@ try:
 except ImportError:  # CPU-only installs: the compiled references are used instead
     triton = None
 
-FORWARD_BLOCK = (16, 128)  # rows, column pairs
-BACKWARD_BLOCK = (8, 128)
+PAIR_BLOCK = (16, 128)  # rows, (gate, up) pairs
+ROW_BLOCK = 8  # rows per program of the backward, which loops over the row
+TOKEN_SUM_BLOCK = (16, 256)  # tokens, columns
 
 
 def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+def handles(rows: Tensor) -> bool:
+    """Whether these kernels take `rows` (bf16 on CUDA; other dtypes use the references)."""
+    return available(rows.device) and rows.dtype == torch.bfloat16
+
+
 if triton is not None:
+
+    @triton.jit
+    def _unpack_pairs(words):
+        """int32 words of (gate, up) bf16 pairs -> (gate, up) in fp32."""
+        gate = (words << 16).to(tl.float32, bitcast=True)
+        up = (words & -65536).to(tl.float32, bitcast=True)  # -65536 == 0xFFFF0000
+        return gate, up
+
+    @triton.jit
+    def _pack_pairs(gate, up):
+        """(gate, up) -> int32 words of the pair rounded to bf16."""
+        gate_bits = gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        up_bits = up.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        return gate_bits | up_bits
 
     @triton.jit
     def _clamped_swiglu_parts(gate, up, alpha, limit):
         clamped_gate = tl.minimum(gate, limit)
         clamped_up = tl.minimum(tl.maximum(up, -limit), limit)
         sigmoid = tl.sigmoid(clamped_gate * alpha)
-        glu = clamped_gate * sigmoid
-        return clamped_gate, clamped_up, sigmoid, glu
+        return clamped_gate, clamped_up, sigmoid, clamped_gate * sigmoid
 
     @triton.jit
     def _gate_up_forward_kernel(
         base_ptr, update_ptr, bias_ptr, experts_ptr, gate_up_ptr, act_ptr,
         rows, inner, scaling, alpha, limit,
-        HAS_UPDATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        HAS_UPDATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
     ):  # fmt: skip
         row_ids = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        col_ids = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        pair_cols = 2 * col_ids[None, :, None] + tl.arange(0, 2)[None, None, :]
-        pair_mask = (row_ids[:, None, None] < rows) & (pair_cols < 2 * inner)
-        pair_offsets = row_ids[:, None, None].to(tl.int64) * (2 * inner) + pair_cols
+        pair_ids = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+        mask = (row_ids[:, None] < rows) & (pair_ids[None, :] < inner)
+        offsets = row_ids[:, None].to(tl.int64) * inner + pair_ids[None, :]
         experts = tl.load(experts_ptr + row_ids, mask=row_ids < rows, other=0).to(tl.int64)
-        gate_up = tl.load(base_ptr + pair_offsets, mask=pair_mask, other=0.0).to(tl.float32)
-        bias_offsets = experts[:, None, None] * (2 * inner) + pair_cols
-        gate_up += tl.load(bias_ptr + bias_offsets, mask=pair_mask, other=0.0).to(tl.float32)
+        gate, up = _unpack_pairs(tl.load(base_ptr + offsets, mask=mask, other=0))
+        bias_gate, bias_up = _unpack_pairs(
+            tl.load(bias_ptr + experts[:, None] * inner + pair_ids[None, :], mask=mask, other=0)
+        )
+        gate += bias_gate
+        up += bias_up
         if HAS_UPDATE:
-            update = tl.load(update_ptr + pair_offsets, mask=pair_mask, other=0.0).to(tl.float32)
-            gate_up += scaling * update
-        stored = gate_up.to(gate_up_ptr.dtype.element_ty)
-        tl.store(gate_up_ptr + pair_offsets, stored, mask=pair_mask)
-        gate, up = tl.split(stored.to(tl.float32))  # the activation of the stored (rounded) value
+            update_gate, update_up = _unpack_pairs(tl.load(update_ptr + offsets, mask=mask, other=0))
+            gate += scaling * update_gate
+            up += scaling * update_up
+        words = _pack_pairs(gate, up)
+        tl.store(gate_up_ptr + offsets, words, mask=mask)
+        gate, up = _unpack_pairs(words)  # the activation of the stored (rounded) values
         _, clamped_up, _, glu = _clamped_swiglu_parts(gate, up, alpha, limit)
-        mask = (row_ids[:, None] < rows) & (col_ids[None, :] < inner)
-        offsets = row_ids[:, None].to(tl.int64) * inner + col_ids[None, :]
-        tl.store(act_ptr + offsets, ((clamped_up + 1) * glu).to(act_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + offsets, ((clamped_up + 1) * glu).to(tl.bfloat16), mask=mask)
 
     @triton.jit
     def _activation_backward_kernel(
         gate_up_ptr, grad_base_ptr, grad_low_rank_ptr, weights_ptr,
         grad_gate_up_ptr, base_dot_ptr, act_ptr,
         rows, inner, alpha, limit,
-        HAS_LOW_RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        HAS_LOW_RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
     ):  # fmt: skip
         row_ids = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = row_ids < rows
         weights = tl.load(weights_ptr + row_ids, mask=row_mask, other=0.0).to(tl.float32)
         base_dot = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-        for start in range(0, inner, BLOCK_COLS):
-            col_ids = start + tl.arange(0, BLOCK_COLS)
-            mask = row_mask[:, None] & (col_ids[None, :] < inner)
-            offsets = row_ids[:, None].to(tl.int64) * inner + col_ids[None, :]
-            pair_cols = 2 * col_ids[None, :, None] + tl.arange(0, 2)[None, None, :]
-            pair_mask = (row_ids[:, None, None] < rows) & (pair_cols < 2 * inner)
-            pair_offsets = row_ids[:, None, None].to(tl.int64) * (2 * inner) + pair_cols
-            gate, up = tl.split(tl.load(gate_up_ptr + pair_offsets, mask=pair_mask, other=0.0).to(tl.float32))
+        for start in range(0, inner, BLOCK_PAIRS):
+            pair_ids = start + tl.arange(0, BLOCK_PAIRS)
+            mask = row_mask[:, None] & (pair_ids[None, :] < inner)
+            offsets = row_ids[:, None].to(tl.int64) * inner + pair_ids[None, :]
+            gate, up = _unpack_pairs(tl.load(gate_up_ptr + offsets, mask=mask, other=0))
             clamped_gate, clamped_up, sigmoid, glu = _clamped_swiglu_parts(gate, up, alpha, limit)
             act = (clamped_up + 1) * glu
             grad_base = tl.load(grad_base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -93,10 +113,38 @@ if triton is not None:
             d_gate = grad_act * (clamped_up + 1) * sigmoid * (1 + clamped_gate * alpha * (1 - sigmoid))
             d_gate = tl.where(gate <= limit, d_gate, 0.0)
             d_up = tl.where((up >= -limit) & (up <= limit), grad_act * glu, 0.0)
-            grad_gate_up = tl.join(d_gate, d_up).to(grad_gate_up_ptr.dtype.element_ty)
-            tl.store(grad_gate_up_ptr + pair_offsets, grad_gate_up, mask=pair_mask)
-            tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_gate_up_ptr + offsets, _pack_pairs(d_gate, d_up), mask=mask)
+            tl.store(act_ptr + offsets, act.to(tl.bfloat16), mask=mask)
         tl.store(base_dot_ptr + row_ids, base_dot, mask=row_mask)
+
+    @triton.jit
+    def _token_sum_kernel(
+        rows_ptr, inverse_ptr, bias_ptr, experts_ptr, weights_ptr, out_ptr,
+        tokens, width,
+        TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    ):  # fmt: skip
+        token_ids = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        token_mask = token_ids < tokens
+        mask = token_mask[:, None] & (cols[None, :] < width)
+        total = tl.zeros([BLOCK_TOKENS, BLOCK_COLS], dtype=tl.float32)
+        for slot in tl.static_range(TOP_K):
+            source = tl.load(inverse_ptr + token_ids * TOP_K + slot, mask=token_mask, other=0).to(tl.int64)
+            row = tl.load(rows_ptr + source[:, None] * width + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
+            if WEIGHTED:
+                expert = tl.load(experts_ptr + source, mask=token_mask, other=0).to(tl.int64)
+                weight = tl.load(weights_ptr + source, mask=token_mask, other=0.0).to(tl.float32)
+                bias = tl.load(bias_ptr + expert[:, None] * width + cols[None, :], mask=mask, other=0.0)
+                row = (row + bias.to(tl.float32)) * weight[:, None]
+            total += row
+        tl.store(out_ptr + token_ids[:, None].to(tl.int64) * width + cols[None, :], total, mask=mask)
+
+
+def _pairs(tensor: Tensor) -> Tensor:
+    """A contiguous bf16 [..., 2I] tensor as int32 [..., I]: one word per (gate, up) pair."""
+    return tensor.contiguous().view(torch.int32)
 
 
 def gate_up_epilogue(
@@ -108,20 +156,19 @@ def gate_up_epilogue(
     alpha: float,
     limit: float,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `gptoss_tune.kernels.moe.gate_up_epilogue`."""
-    rows, double_inner = base.shape
-    inner = double_inner // 2
-    base, bias = base.contiguous(), bias.contiguous()
+    """Same contract as `gptoss_tune.kernels.moe.gate_up_epilogue`, for bf16 `base`."""
+    rows, inner = base.shape[0], base.shape[1] // 2
     gate_up = torch.empty_like(base)
     act = base.new_empty(rows, inner)
     if rows == 0:
         return gate_up, act
-    block_rows, block_cols = FORWARD_BLOCK
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(inner, block_cols))
-    _gate_up_forward_kernel[grid](
-        base, update.contiguous() if update is not None else base, bias, experts.contiguous(), gate_up, act,
+    words = _pairs(base)
+    block_rows, block_pairs = PAIR_BLOCK
+    _gate_up_forward_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(inner, block_pairs))](
+        words, _pairs(update) if update is not None else words, _pairs(bias.to(base.dtype)),
+        experts.contiguous(), gate_up.view(torch.int32), act,
         rows, inner, float(scaling), float(alpha), float(limit),
-        HAS_UPDATE=update is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        HAS_UPDATE=update is not None, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs,
     )  # fmt: skip
     return gate_up, act
 
@@ -134,20 +181,50 @@ def activation_backward_epilogue(
     alpha: float,
     limit: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as `gptoss_tune.kernels.moe.activation_backward_epilogue`."""
-    rows, double_inner = gate_up.shape
-    inner = double_inner // 2
-    gate_up, grad_base = gate_up.contiguous(), grad_base.contiguous()
+    """Same contract as `gptoss_tune.kernels.moe.activation_backward_epilogue`, for bf16 rows."""
+    rows, inner = gate_up.shape[0], gate_up.shape[1] // 2
     grad_gate_up = torch.empty_like(gate_up)
     base_dot = torch.empty(rows, device=gate_up.device, dtype=torch.float32)
     act = gate_up.new_empty(rows, inner)
     if rows == 0:
         return grad_gate_up, base_dot, act
-    block_rows, block_cols = BACKWARD_BLOCK
-    _activation_backward_kernel[(triton.cdiv(rows, block_rows),)](
-        gate_up, grad_base, grad_low_rank.contiguous() if grad_low_rank is not None else grad_base,
-        weights.contiguous(), grad_gate_up, base_dot, act,
+    grad_base = grad_base.to(torch.bfloat16).contiguous()
+    _activation_backward_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+        _pairs(gate_up), grad_base,
+        grad_low_rank.to(torch.bfloat16).contiguous() if grad_low_rank is not None else grad_base,
+        weights.contiguous(), grad_gate_up.view(torch.int32), base_dot, act,
         rows, inner, float(alpha), float(limit),
-        HAS_LOW_RANK=grad_low_rank is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        HAS_LOW_RANK=grad_low_rank is not None, BLOCK_ROWS=ROW_BLOCK, BLOCK_PAIRS=PAIR_BLOCK[1],
     )  # fmt: skip
     return grad_gate_up, base_dot, act
+
+
+def _token_sum(
+    rows: Tensor, inverse: Tensor, top_k: int, weighted: tuple[Tensor, Tensor, Tensor] | None
+) -> Tensor:
+    rows = rows.contiguous()
+    width = rows.shape[-1]
+    tokens = inverse.numel() // top_k
+    out = torch.empty(tokens, width, device=rows.device, dtype=torch.promote_types(rows.dtype, torch.float32))
+    if tokens == 0:
+        return out
+    bias, experts, weights = weighted if weighted is not None else (rows, inverse, rows)
+    block_tokens, block_cols = TOKEN_SUM_BLOCK
+    _token_sum_kernel[(triton.cdiv(tokens, block_tokens), triton.cdiv(width, block_cols))](
+        rows, inverse.contiguous(), bias.contiguous(), experts.contiguous(), weights.contiguous(), out,
+        tokens, width,
+        TOP_K=top_k, WEIGHTED=weighted is not None, BLOCK_TOKENS=block_tokens, BLOCK_COLS=block_cols,
+    )  # fmt: skip
+    return out
+
+
+def down_epilogue(
+    base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor, inverse: Tensor, top_k: int
+) -> Tensor:
+    """Same contract as `gptoss_tune.kernels.moe.down_epilogue`."""
+    return _token_sum(base, inverse, top_k, (bias, experts, weights))
+
+
+def sum_slots(rows: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+    """Same contract as `gptoss_tune.kernels.moe.sum_slots`."""
+    return _token_sum(rows, inverse, top_k, None)
