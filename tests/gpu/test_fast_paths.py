@@ -214,10 +214,10 @@ def epilogue_inputs(rows: int, inner: int, num_experts: int = 5):
 
 
 def assert_same_rounded(actual, expected) -> None:
-    """Both compute in fp32 and round once: equal up to an ulp of the output dtype."""
+    """Both compute in fp32 and round once: equal up to two bf16 ulps (about 1.6% relative)."""
     for got, want in zip(actual, expected, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_low_rank", [True, False])
@@ -227,9 +227,10 @@ def test_triton_expert_epilogues_match_their_references(rows, inner, with_low_ra
 
     base, bias, experts, update, grad, weights = epilogue_inputs(rows, inner)
     update = update if with_low_rank else None
-    expected = moe.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)
-    assert_same_rounded(moe_triton.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0), expected)
-    gate_up = expected[0]
+    gate_up, act = moe_triton.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)
+    assert_same_rounded([gate_up], moe.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)[:1])
+    # the activation is that of the stored gate_up, which backward recomputes
+    assert_same_rounded([act], [moe.clamped_swiglu(gate_up.float(), 1.702, 7.0).bfloat16()])
     low_rank = grad.flip(0) if with_low_rank else None
     assert_same_rounded(
         moe_triton.activation_backward_epilogue(gate_up, grad, low_rank, weights, 1.702, 7.0),
