@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
-from gptoss_tune.kernels.memory import auto_budget_bytes, measure_layer_memory, plan_activation_checkpointing
+from gptoss_tune.kernels.memory import (
+    auto_budget_bytes,
+    measure_layer_memory,
+    measure_loss_memory,
+    plan_activation_checkpointing,
+)
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
@@ -395,6 +400,11 @@ def test_checkpointing_plan_follows_the_budget(flex, grouped) -> None:
     layer = measure_layer_memory(model, LENGTH)
     assert layer.saved > layer.checkpointed > 0 and layer.transient > 0
     assert all(p.grad is None for p in model.parameters())
+    model.loss_fn = FusedLinearCrossEntropy(256, compile=True)
+    hidden_grad_bytes = LENGTH * model.config.hidden_size * 2
+    chunk_logits_bytes = 256 * model.config.vocab_size * 2
+    loss_peak = measure_loss_memory(model, LENGTH)
+    assert hidden_grad_bytes < loss_peak <= 2 * hidden_grad_bytes + 3 * chunk_logits_bytes
     roomy = torch.cuda.memory_allocated() + 10 * 1024**3
     assert plan_activation_checkpointing(model, LENGTH, roomy) == []
     assert plan_activation_checkpointing(model, LENGTH, torch.cuda.memory_allocated()) == [0, 1]

@@ -242,9 +242,7 @@ class OursRecipe(Recipe):
             self.notes["dequantize"] = "compiled"
         budget = self.options.memory_budget_bytes
         if self.device.type == "cuda" and budget is not None:
-            plan_activation_checkpointing(
-                model, self.options.row_length, budget, loss_chunk_tokens=self.options.loss_chunk_tokens
-            )
+            plan_activation_checkpointing(model, self.options.row_length, budget)
         else:
             model.set_gradient_checkpointing(budget is not None)
 

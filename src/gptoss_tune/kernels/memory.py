@@ -7,6 +7,10 @@ then `choose_checkpointed_layers` leaves as many layers un-checkpointed as fit:
 
     peak ~ now_allocated + optimizer + loss + transient + n * saved + (L - n) * checkpointed  <= budget
 
+where the loss's peak is measured too (`measure_loss_memory`: the installed loss function on
+`tokens` trained positions), so a loss that keeps less (the Triton chunk writes its gradient over
+its logits) leaves more room for activations.
+
 The first layers are the ones recomputed (any choice gives the same peak; all activations are
 alive when backward starts).
 """
@@ -49,13 +53,30 @@ def _lora_parameter_bytes(model: GptOss) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def loss_peak_bytes(model: GptOss, tokens: int, chunk_tokens: int) -> int:
-    """The fused loss keeps the hidden gradient of every token and one chunk of logits (bf16 + an
-    fp32 working copy when not compiled)."""
-    weight = model.lm_head.weight
-    vocab, hidden = weight.shape
-    chunk = min(chunk_tokens, tokens) * vocab * (2 * weight.element_size() + 4)
-    return tokens * hidden * weight.element_size() + chunk
+def measure_loss_memory(model: GptOss, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak bytes of the model's loss (`model.loss_fn`, whichever is installed) forward and backward
+    over `tokens` trained positions (CUDA), beyond its input. Like `measure_layer_memory`, a first
+    unmeasured run warms up its kernels."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError("measure_loss_memory needs the model on a CUDA device")
+    config = model.config
+    hidden = torch.randn(1, tokens, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+    position_ids = torch.arange(tokens, device=device).unsqueeze(0)
+    peak = 0
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        for _warmup_then_measure in range(2):
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            loss_sum, count = model.loss_fn(hidden, model.lm_head.weight, labels, position_ids)
+            (loss_sum / count).backward()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - before
+            hidden.grad = None
+            del loss_sum, count
+    return peak
 
 
 def _random_layer_inputs(model: GptOss, tokens: int, dtype: torch.dtype, device: torch.device):
@@ -117,15 +138,12 @@ def plan_activation_checkpointing(
     tokens: int,
     budget_bytes: int,
     dtype: torch.dtype = torch.bfloat16,
-    loss_chunk_tokens: int = 2048,
 ) -> list[int]:
     """Measure, choose and apply: returns the checkpointed layer indices (set on the model)."""
     device = next(model.parameters()).device
     layer = measure_layer_memory(model, tokens, dtype)
     optimizer = ADAM_STATE_COPIES * _lora_parameter_bytes(model)
-    fixed = (
-        torch.cuda.memory_allocated(device) + optimizer + loss_peak_bytes(model, tokens, loss_chunk_tokens)
-    )
+    fixed = torch.cuda.memory_allocated(device) + optimizer + measure_loss_memory(model, tokens, dtype)
     available = budget_bytes - fixed - layer.transient
     layers = choose_checkpointed_layers(len(model.model.layers), layer, available)
     model.set_gradient_checkpointing(layers)

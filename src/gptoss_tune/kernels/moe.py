@@ -330,7 +330,7 @@ class _Adapter:
 
 
 class _LoraExperts(torch.autograd.Function):
-    """The experts' output [N, H] (fp32) from the token rows [N, H] and routing weights [N, k].
+    """The experts' output [N, H] (in `out_dtype`) from the token rows [N, H] and routing weights [N, k].
 
     Saves only the token rows, the pre-activation gate_up [S, 2I] and two [S, r] low-rank inputs;
     backward recomputes the SwiGLU and gets the routing weights' gradient from the down projection's
@@ -340,7 +340,17 @@ class _LoraExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, tokens, expert_weights, gate_up_a, gate_up_b, down_a, down_b, experts, routing, epilogues
+        ctx,
+        tokens,
+        expert_weights,
+        gate_up_a,
+        gate_up_b,
+        down_a,
+        down_b,
+        experts,
+        routing,
+        epilogues,
+        out_dtype,
     ):
         dtype = tokens.dtype
         gate_up = _Adapter.of(_adapter(experts.gate_up_lora), dtype)
@@ -373,7 +383,7 @@ class _LoraExperts(torch.autograd.Function):
         ctx.experts, ctx.routing, ctx.epilogues = experts, routing, epilogues
         ctx.adapters = (gate_up, down)
         ctx.weights_dtype = expert_weights.dtype
-        return out
+        return out.to(out_dtype)  # cast here: the gradient then arrives in out_dtype, not fp32
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -435,7 +445,7 @@ class _LoraExperts(torch.autograd.Function):
             grad_expert_weights.to(ctx.weights_dtype),
             *(grad_gate_up or (None, None)),
             *(grad_down or (None, None)),
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 
@@ -490,7 +500,7 @@ class GroupedExperts:
         if not self.can_run(experts, dtype):
             return eager_experts(experts, hidden, expert_indices, expert_weights)
         routing = sort_by_expert(expert_indices, experts.num_experts)
-        out = _LoraExperts.apply(
+        return _LoraExperts.apply(
             hidden.to(dtype),
             expert_weights,
             *_factors(_adapter(experts.gate_up_lora)),
@@ -498,5 +508,5 @@ class GroupedExperts:
             experts,
             routing,
             self.epilogues(hidden.device),
+            hidden.dtype,
         )
-        return out.to(hidden.dtype)
