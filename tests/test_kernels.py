@@ -559,8 +559,8 @@ def test_compiled_norm_and_rotary_match_the_eager_functions_with_gradients() -> 
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
     weight = torch.randn(16, generator=generator, requires_grad=True)
-    query = torch.randn(2, 4, 5, 8, generator=generator, requires_grad=True)
-    key = torch.randn(2, 2, 5, 8, generator=generator, requires_grad=True)
+    query = torch.randn(2, 5, 4, 8, generator=generator, requires_grad=True)  # [B, T, H, D]
+    key = torch.randn(2, 5, 2, 8, generator=generator, requires_grad=True)
     angles = torch.randn(2, 5, 4, generator=generator)
     cos, sin = angles.cos(), angles.sin()
     installed = enable_fast_paths(small_model(), compile=True)

@@ -219,7 +219,7 @@ def test_set_kernels_routes_every_layer_through_the_given_functions(pair) -> Non
         return rms_norm(hidden, weight, eps)
 
     def recording_rotary(query, key, cos, sin):
-        rotations.append((query.shape[1], key.shape[1]))
+        rotations.append((query.shape[2], key.shape[2]))  # [B, T, H, D]
         return rotate_query_key(query, key, cos, sin)
 
     ours.set_kernels(attention=recording_attention, norm=recording_norm, rotary=recording_rotary)

@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# One x4 call after a speed change, about 6 minutes:
-#   GPU 0: tests/gpu, then per-component timings of one 20b layer at 16k tokens with the experts'
-#          kernel table (bench --components --profile)
-#   GPU 1: 4-layer 20b, ours vs stock vs cookbook, 16k tokens per micro-batch, 6 timed steps
-#   GPU 2, 3: the 200-step loss curves, fast paths vs eager reference (scripts/gpu/loss_curve.sh)
+# One x4 call after a speed change, everything the benchmarks page reports for one H200, about
+# 7 minutes:
+#   GPU 0: tests/gpu; per-component timings of one 20b layer at 16k tokens with the experts' kernel
+#          table (bench --components --profile); the kernel table of whole 2-layer steps
+#   GPU 1: ours vs stock vs cookbook at 16k tokens per micro-batch: 4 layers, then full depth within
+#          a 60 GiB budget
+#   GPU 2, 3: the 200-step loss curves, fast paths vs eager reference (scripts/gpu/loss_curve.sh);
+#          then full-depth ours with room for every activation (GPU 2) and with MXFP4-resident
+#          experts within 60 GiB (GPU 3)
 # Results: $OUT/results.tgz plus the loss-curve files in $OUT; a summary is printed last.
 source scripts/gpu/env.sh
+LIMIT=${LIMIT:-480}
+deadline=$(( $(date +%s) + LIMIT ))
+left() { echo $(( deadline - $(date +%s) )); }
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout 240 python3 -m pytest tests/gpu -q -rfE --durations=4 -p no:cacheprovider > "$W/gpu-tests.log" 2>&1
+  timeout 200 python3 -m pytest tests/gpu -q -rfE --durations=4 -p no:cacheprovider > "$W/gpu-tests.log" 2>&1
   echo "tests rc=$?" >> "$W/gpu-tests.log"
   timeout 200 python3 -m gptoss_tune bench --preset 20b --layers 2 --recipes ours --tokens-per-batch 16384 \
     --steps 2 --warmup 1 --components --profile --output "$W/comp" --record --record-file "$W/rec-comp.md" > "$W/comp.log" 2>&1
+  timeout "$(left)" python3 scripts/gpu/profile_step.py 2 16384 "$W/profile-step.txt" > "$W/step.log" 2>&1
 ) &
-CUDA_VISIBLE_DEVICES=1 timeout 420 python3 -m gptoss_tune bench --preset 20b --layers 4 --tokens-per-batch 16384 \
-  --steps 6 --warmup 2 --output "$W/four" --record --record-file "$W/rec-four.md" > "$W/four.log" 2>&1 &
-FIRST_GPU=2 bash scripts/gpu/loss_curve.sh > "$W/loss-curve.log" 2>&1 &
+(
+  export CUDA_VISIBLE_DEVICES=1
+  timeout 200 python3 -m gptoss_tune bench --preset 20b --layers 4 --tokens-per-batch 16384 \
+    --steps 6 --warmup 2 --output "$W/four" --record --record-file "$W/rec-four.md" > "$W/four.log" 2>&1
+  timeout "$(left)" python3 -m gptoss_tune bench --preset 20b --tokens-per-batch 16384 --steps 3 --warmup 2 \
+    --output "$W/side" --record --record-file "$W/rec-side.md" > "$W/side.log" 2>&1
+) &
+(
+  FIRST_GPU=2 bash scripts/gpu/loss_curve.sh > "$W/loss-curve.log" 2>&1
+  run_ours() {  # gpu name storage budget
+    CUDA_VISIBLE_DEVICES=$1 timeout "$(left)" python3 -m gptoss_tune bench --preset 20b --recipes ours \
+      --expert-storage "$3" --tokens-per-batch 16384 --memory-budget-gib "$4" --steps 4 --warmup 2 \
+      --output "$W/$2" --record --record-file "$W/rec-$2.md" > "$W/$2.log" 2>&1
+  }
+  run_ours 2 roomy bf16 130 &
+  run_ours 3 b60-mxfp4 mxfp4 60 &
+  wait
+) &
 wait
 echo "== tests/gpu"; tail -n 6 "$W/gpu-tests.log"
-for run in comp four; do echo "== $run"; grep -E "^\| |OOM|Error" "$W/$run.log" | head -n 30; done
+echo "== step profile"; grep "per forward" "$W/step.log"
+for run in comp four side roomy b60-mxfp4; do echo "== $run"; grep -E "^\| |OOM|Error" "$W/$run.log" | head -n 30; done
 echo "== loss curve"; tail -n 12 "$W/loss-curve.log"
 finish

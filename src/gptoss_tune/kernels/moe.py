@@ -12,8 +12,8 @@ expert runs as one grouped GEMM over the sorted rows:
 W + BA is never formed. The low-rank factors take whichever GEMM shape is cheaper:
   - x A_e for every expert at once is one dense GEMM over the N tokens ([N, H] x [H, E*r]), before
     the rows are gathered; each assignment then picks its expert's r columns;
-  - (x A_e) B_e is a thin grouped GEMM over the sorted rows (it must be per assignment: the SwiGLU
-    follows);
+  - (x A_e) B_e is per assignment (the SwiGLU follows): an r-term sum the gate_up epilogue adds
+    in registers (`LowRank`; the references run it as a thin grouped GEMM);
   - act A'_e is a thin grouped GEMM; the routing-weighted sum over a token's experts of
     (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -219,20 +219,39 @@ def clamped_swiglu_backward(gate_up: Tensor, grad: Tensor, alpha: float, limit: 
     return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
 
 
+class LowRank(NamedTuple):
+    """The per-row low-rank product inputs_s factor_e for sorted rows, which the epilogues add
+    (the Triton ones in registers, never writing the [S, D] product out)."""
+
+    inputs: Tensor  # [S, r]
+    factor: Tensor  # [E, r, D]
+    experts: Tensor  # [S] each row's expert
+    offsets: Tensor  # [E] int32 group ends
+
+    def product(self) -> Tensor:
+        return grouped_mm(self.inputs, self.factor, self.offsets)
+
+
+def materialized(term: LowRank | Tensor | None) -> Tensor | None:
+    """A low-rank term as its [S, D] product (torch.compile cannot trace grouped_mm on every
+    device, so the compiled epilogues get it computed)."""
+    return term.product() if isinstance(term, LowRank) else term
+
+
 def gate_up_epilogue(
     base: Tensor,
     bias: Tensor,
     experts: Tensor,
-    update: Tensor | None,
+    update: LowRank | Tensor | None,
     scaling: float,
     alpha: float,
     limit: float,
 ) -> tuple[Tensor, Tensor]:
-    """(gate_up, SwiGLU(gate_up)) with gate_up = x W_e + b_e + s * update, for the sorted rows. The
-    activation is that of the returned (rounded) gate_up: backward recomputes exactly it."""
+    """(gate_up, SwiGLU(gate_up)) with gate_up = x W_e + b_e + s * (x A_e) B_e, for the sorted
+    rows. The activation is that of the returned (rounded) gate_up: backward recomputes exactly it."""
     gate_up = base.float() + bias.index_select(0, experts).float()
     if update is not None:
-        gate_up = gate_up + update.float() * scaling
+        gate_up = gate_up + materialized(update).float() * scaling
     gate_up = gate_up.to(base.dtype)
     return gate_up, clamped_swiglu(gate_up.float(), alpha, limit).to(base.dtype)
 
@@ -249,22 +268,23 @@ def down_epilogue(
 def activation_backward_epilogue(
     gate_up: Tensor,
     grad_base: Tensor,
-    grad_low_rank: Tensor | None,
+    grad_low_rank: LowRank | Tensor | None,
     weights: Tensor,
     alpha: float,
     limit: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward through weight * (act V_e + ...) and act = SwiGLU(gate_up), with the activation
     recomputed from the saved gate_up. grad_base [S, I] = (dL/dy) V_e^T, the gradient of the base
-    projection's input before the routing weight; grad_low_rank [S, I] the LoRA's (weight already
-    in). Returns (dL/d gate_up [S, 2I], <grad_base, act> per row [S] fp32, act [S, I])."""
+    projection's input before the routing weight; grad_low_rank the down LoRA's part of dL/d act
+    (routing weight and scaling already in its inputs). Returns (dL/d gate_up [S, 2I],
+    <grad_base, act> per row [S] fp32, act [S, I])."""
     gate_up_fp32 = gate_up.float()
     act = clamped_swiglu(gate_up_fp32, alpha, limit)
     grad_base_fp32 = grad_base.float()
     base_dot = (grad_base_fp32 * act).sum(dim=-1)
     grad_act = grad_base_fp32 * weights.float().unsqueeze(-1)
     if grad_low_rank is not None:
-        grad_act = grad_act + grad_low_rank.float()
+        grad_act = grad_act + materialized(grad_low_rank).float()
     grad_gate_up = clamped_swiglu_backward(gate_up_fp32, grad_act, alpha, limit)
     return grad_gate_up.to(gate_up.dtype), base_dot, act.to(gate_up.dtype)
 
@@ -280,8 +300,10 @@ class Epilogues:
     def compiled(cls, device: torch.device) -> Epilogues:
         """The fastest for `device`: the Triton kernels on CUDA (for bf16 rows; fp32 rows take
         the compiled references), torch.compile of the references elsewhere."""
-        gate_up = torch.compile(gate_up_epilogue, dynamic=True)
-        activation_backward = torch.compile(activation_backward_epilogue, dynamic=True)
+        gate_up = _low_rank_materialized(torch.compile(gate_up_epilogue, dynamic=True), 3)
+        activation_backward = _low_rank_materialized(
+            torch.compile(activation_backward_epilogue, dynamic=True), 2
+        )
         if not moe_triton.available(device):
             return cls(gate_up, torch.compile(down_epilogue, dynamic=True), activation_backward,
                        torch.compile(sum_slots, dynamic=True))  # fmt: skip
@@ -291,6 +313,17 @@ class Epilogues:
             _bf16_or(moe_triton.activation_backward_epilogue, activation_backward),
             moe_triton.sum_slots,
         )
+
+
+def _low_rank_materialized(epilogue: Callable[..., Any], position: int) -> Callable[..., Any]:
+    """Calls `epilogue` with its low-rank argument (at `position`) as a computed tensor."""
+
+    def run(*args: Any) -> Any:
+        args = list(args)
+        args[position] = materialized(args[position])
+        return epilogue(*args)
+
+    return run
 
 
 def _bf16_or(bf16_fn: Callable[..., Any], other_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -363,7 +396,7 @@ class _LoraExperts(torch.autograd.Function):
             gate_up_inputs = update = None
             if gate_up is not None:
                 gate_up_inputs = low_rank_inputs(tokens, gate_up.lora_a, routing)
-                update = grouped_mm(gate_up_inputs, gate_up.lora_b, routing.offsets)
+                update = LowRank(gate_up_inputs, gate_up.lora_b, routing.experts, routing.offsets)
             pre_activation, activated = epilogues.gate_up(
                 base, experts.gate_up_proj_bias, routing.experts, update,
                 gate_up.scaling if gate_up else 0.0, experts.alpha, experts.limit,
@@ -409,7 +442,9 @@ class _LoraExperts(torch.autograd.Function):
                     grad_down_b_side.float() * down_inputs.float()
                 ).sum(-1)
                 grad_down_inputs = grad_down_b_side * (weights.unsqueeze(-1) * down.scaling)
-                grad_low_rank = grouped_mm(grad_down_inputs, down.lora_a.transpose(-2, -1), offsets)
+                grad_low_rank = LowRank(
+                    grad_down_inputs, down.lora_a.transpose(-2, -1), routing.experts, offsets
+                )
             grad_pre_activation, base_dot, activated = epilogues.activation_backward(
                 pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
             )

@@ -9,10 +9,15 @@ in separate, strided kernels; the token sums are reductions over only k = 4 gath
 - a bf16 (gate, up) pair is one 32-bit word, so gate_up is read and written as an int32 [S, I]
   matrix, contiguous and in the activation's own iteration space; gate is the low half (the
   first element, little-endian), and a bf16 is the top half of the fp32 with the same value;
+- the per-row LoRA products that meet these epilogues, (x A_e) B_e in gate_up and the down LoRA's
+  input gradient (du A'_e^T), are r-term sums done in registers: the [S, 2I] and [S, I] products
+  a thin grouped GEMM would write (and the epilogue read back) never exist;
 - each token's sum over its k rows is a loop over k in registers, the gathered rows read once.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,6 +31,15 @@ except ImportError:  # CPU-only installs: the compiled references are used inste
 PAIR_BLOCK = (16, 128)  # rows, (gate, up) pairs
 ROW_BLOCK = 8  # rows per program of the backward, which loops over the row
 TOKEN_SUM_BLOCK = (16, 256)  # tokens, columns
+
+
+class LowRankTerm(Protocol):
+    """`gptoss_tune.kernels.moe.LowRank`: the per-row product inputs_s factor_e (not imported:
+    moe imports this module)."""
+
+    inputs: Tensor  # [S, r]
+    factor: Tensor  # [E, r, D]
+    experts: Tensor  # [S]
 
 
 def available(device: torch.device) -> bool:
@@ -62,9 +76,9 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_forward_kernel(
-        base_ptr, update_ptr, bias_ptr, experts_ptr, gate_up_ptr, act_ptr,
+        base_ptr, inputs_ptr, factor_ptr, bias_ptr, experts_ptr, gate_up_ptr, act_ptr,
         rows, inner, scaling, alpha, limit,
-        HAS_UPDATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
     ):  # fmt: skip
         row_ids = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         pair_ids = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
@@ -77,8 +91,19 @@ if triton is not None:
         )
         gate += bias_gate
         up += bias_up
-        if HAS_UPDATE:
-            update_gate, update_up = _unpack_pairs(tl.load(update_ptr + offsets, mask=mask, other=0))
+        if RANK > 0:  # + s * (x A_e) B_e, the r-term product done here in fp32
+            update_gate = tl.zeros([BLOCK_ROWS, BLOCK_PAIRS], dtype=tl.float32)
+            update_up = tl.zeros([BLOCK_ROWS, BLOCK_PAIRS], dtype=tl.float32)
+            for rank in tl.static_range(RANK):
+                inputs = tl.load(
+                    inputs_ptr + row_ids.to(tl.int64) * RANK + rank, mask=row_ids < rows, other=0.0
+                )
+                factor_offsets = (experts[:, None] * RANK + rank) * inner + pair_ids[None, :]
+                factor_gate, factor_up = _unpack_pairs(
+                    tl.load(factor_ptr + factor_offsets, mask=mask, other=0)
+                )
+                update_gate += inputs.to(tl.float32)[:, None] * factor_gate
+                update_up += inputs.to(tl.float32)[:, None] * factor_up
             gate += scaling * update_gate
             up += scaling * update_up
         words = _pack_pairs(gate, up)
@@ -89,14 +114,15 @@ if triton is not None:
 
     @triton.jit
     def _activation_backward_kernel(
-        gate_up_ptr, grad_base_ptr, grad_low_rank_ptr, weights_ptr,
+        gate_up_ptr, grad_base_ptr, inputs_ptr, factor_ptr, experts_ptr, weights_ptr,
         grad_gate_up_ptr, base_dot_ptr, act_ptr,
         rows, inner, alpha, limit,
-        HAS_LOW_RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
     ):  # fmt: skip
         row_ids = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = row_ids < rows
         weights = tl.load(weights_ptr + row_ids, mask=row_mask, other=0.0).to(tl.float32)
+        experts = tl.load(experts_ptr + row_ids, mask=row_mask, other=0).to(tl.int64)
         base_dot = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
         for start in range(0, inner, BLOCK_PAIRS):
             pair_ids = start + tl.arange(0, BLOCK_PAIRS)
@@ -108,8 +134,11 @@ if triton is not None:
             grad_base = tl.load(grad_base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             base_dot += tl.sum(grad_base * act, axis=1)
             grad_act = grad_base * weights[:, None]
-            if HAS_LOW_RANK:
-                grad_act += tl.load(grad_low_rank_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            for rank in tl.static_range(RANK):  # + the down LoRA's (du_s A'_e^T), in fp32
+                inputs = tl.load(inputs_ptr + row_ids.to(tl.int64) * RANK + rank, mask=row_mask, other=0.0)
+                factor_offsets = (experts[:, None] * RANK + rank) * inner + pair_ids[None, :]
+                factor = tl.load(factor_ptr + factor_offsets, mask=mask, other=0.0)
+                grad_act += inputs.to(tl.float32)[:, None] * factor.to(tl.float32)
             d_gate = grad_act * (clamped_up + 1) * sigmoid * (1 + clamped_gate * alpha * (1 - sigmoid))
             d_gate = tl.where(gate <= limit, d_gate, 0.0)
             d_up = tl.where((up >= -limit) & (up <= limit), grad_act * glu, 0.0)
@@ -147,11 +176,19 @@ def _pairs(tensor: Tensor) -> Tensor:
     return tensor.contiguous().view(torch.int32)
 
 
+def _low_rank_args(term: LowRankTerm | None, dtype: torch.dtype, like: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(inputs [S, r], factor [E, r, D], r) contiguous in `dtype`; placeholders and r = 0 without."""
+    if term is None:
+        return like, like, 0
+    inputs, factor = term.inputs.to(dtype).contiguous(), term.factor.to(dtype).contiguous()
+    return inputs, factor, inputs.shape[-1]
+
+
 def gate_up_epilogue(
     base: Tensor,
     bias: Tensor,
     experts: Tensor,
-    update: Tensor | None,
+    update: LowRankTerm | None,
     scaling: float,
     alpha: float,
     limit: float,
@@ -163,12 +200,13 @@ def gate_up_epilogue(
     if rows == 0:
         return gate_up, act
     words = _pairs(base)
+    inputs, factor, rank = _low_rank_args(update, base.dtype, words)
     block_rows, block_pairs = PAIR_BLOCK
     _gate_up_forward_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(inner, block_pairs))](
-        words, _pairs(update) if update is not None else words, _pairs(bias.to(base.dtype)),
+        words, inputs, _pairs(factor) if rank else words, _pairs(bias.to(base.dtype)),
         experts.contiguous(), gate_up.view(torch.int32), act,
         rows, inner, float(scaling), float(alpha), float(limit),
-        HAS_UPDATE=update is not None, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs,
+        RANK=rank, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs,
     )  # fmt: skip
     return gate_up, act
 
@@ -176,7 +214,7 @@ def gate_up_epilogue(
 def activation_backward_epilogue(
     gate_up: Tensor,
     grad_base: Tensor,
-    grad_low_rank: Tensor | None,
+    grad_low_rank: LowRankTerm | None,
     weights: Tensor,
     alpha: float,
     limit: float,
@@ -189,12 +227,13 @@ def activation_backward_epilogue(
     if rows == 0:
         return grad_gate_up, base_dot, act
     grad_base = grad_base.to(torch.bfloat16).contiguous()
+    inputs, factor, rank = _low_rank_args(grad_low_rank, torch.bfloat16, grad_base)
+    experts = grad_low_rank.experts.contiguous() if grad_low_rank is not None else weights
     _activation_backward_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
-        _pairs(gate_up), grad_base,
-        grad_low_rank.to(torch.bfloat16).contiguous() if grad_low_rank is not None else grad_base,
-        weights.contiguous(), grad_gate_up.view(torch.int32), base_dot, act,
+        _pairs(gate_up), grad_base, inputs, factor, experts, weights.contiguous(),
+        grad_gate_up.view(torch.int32), base_dot, act,
         rows, inner, float(alpha), float(limit),
-        HAS_LOW_RANK=grad_low_rank is not None, BLOCK_ROWS=ROW_BLOCK, BLOCK_PAIRS=PAIR_BLOCK[1],
+        RANK=rank, BLOCK_ROWS=ROW_BLOCK, BLOCK_PAIRS=PAIR_BLOCK[1],
     )  # fmt: skip
     return grad_gate_up, base_dot, act
 

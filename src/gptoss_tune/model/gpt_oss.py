@@ -81,7 +81,9 @@ class NormFn(Protocol):
 
 class RotaryFn(Protocol):
     def __call__(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """query [B, Hq, T, D], key [B, Hkv, T, D], cos / sin [B, T, D / 2] -> rotated (query, key)."""
+        """query [B, T, Hq, D], key [B, T, Hkv, D], cos / sin [B, T, D / 2] -> rotated (query, key).
+        Token-major, as the projections produce them: rotating before the heads are transposed
+        keeps the rotation a same-layout elementwise pass (a transposing one runs ~10x slower)."""
         ...
 
 
@@ -116,7 +118,7 @@ def eager_attention(
     batch, num_heads, length, head_dim = query.shape
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
-    query = query.view(batch, num_kv_heads, group, length, head_dim)
+    query = query.reshape(batch, num_kv_heads, group, length, head_dim)
     scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scaling  # [B, Hkv, G, T, T]
     allowed = attention_mask(documents, sliding_window)[:, None, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -240,8 +242,8 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; cos / sin [B, T, D / 2]. Rotates the two halves of the head dimension."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x [B, T, H, D]; cos / sin [B, T, D / 2]. Rotates the two halves of the head dimension."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
@@ -269,8 +271,9 @@ class Attention(nn.Module):
         self.rotary_fn: RotaryFn = rotate_query_key
 
     def _heads(self, projected: Tensor) -> Tensor:
+        """[B, T, H * D] -> [B, T, H, D] (a view)."""
         batch, length, _ = projected.shape
-        return projected.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        return projected.view(batch, length, -1, self.head_dim)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
         batch, length, _ = hidden.shape
@@ -278,10 +281,11 @@ class Attention(nn.Module):
             self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), cos, sin
         )
         value = self._heads(self.v_proj(hidden))
+        # [B, H, T, D] views of the token-major tensors: the attention functions take any strides
         attended = self.attention_fn(
-            query,
-            key,
-            value,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
             self.sinks,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
