@@ -79,8 +79,11 @@ def enable_fast_paths(
         attention=FlexAttention(compile=compile) if attention else None,
         experts=GroupedExperts(compile=compile) if experts else None,
         loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
-        norm=torch.compile(rms_norm, dynamic=True) if compile else None,
-        rotary=torch.compile(rotate_query_key, dynamic=True) if compile else None,
+        # Automatic dynamic shapes (compiled static first; only a size that changes becomes dynamic):
+        # with dynamic=True the hidden and head sizes were symbolic too, and the rotary kernel's
+        # runtime index divisions made it ~10x slower than its memory traffic.
+        norm=torch.compile(rms_norm) if compile else None,
+        rotary=torch.compile(rotate_query_key) if compile else None,
     )
     installed.install(model)
     if compile:
