@@ -89,7 +89,7 @@ def expert_timings(model: GptOss, tokens: int, device: torch.device, compiled: G
     return [
         _timed("experts: eager loop", tokens, run_with(eager_experts), device),
         _timed("experts: grouped_mm", tokens, run_with(GroupedExperts(compile=False)), device),
-        _timed("experts: grouped_mm + compiled epilogues", tokens, run_with(compiled), device),
+        _timed("experts: grouped_mm + fast epilogues (Triton on CUDA)", tokens, run_with(compiled), device),
         base_gemm_floor(layer.experts, tokens, indices, device),
     ]
 

@@ -54,7 +54,9 @@ class FastPaths:
         if self.attention is not None:
             parts.append("flex attention" + (" (compiled)" if self.attention.compiled else ""))
         if self.experts is not None:
-            parts.append("grouped experts" + (" (compiled epilogues)" if self.experts.compiled else ""))
+            parts.append(
+                "grouped experts" + (" (Triton or compiled epilogues)" if self.experts.compiled else "")
+            )
         if self.loss is not None:
             parts.append(f"fused linear cross-entropy ({self.loss.chunk_tokens}-token chunks)")
         if self.norm is not None or self.rotary is not None:
