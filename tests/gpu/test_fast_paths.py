@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+import triton_cases
 from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
 from gptoss_tune.kernels.memory import (
     auto_budget_bytes,
@@ -198,86 +199,15 @@ def test_grouped_experts_match_the_eager_loop(
         assert got[used:].abs().max().item() == 0.0
 
 
-def epilogue_inputs(rows: int, inner: int, num_experts: int = 5, rank: int = 8):
-    """Sorted rows' base gate_up (some on the clamp bounds), biases, the rows' experts and offsets,
-    a gate_up and a down low-rank term, the activation's gradient and the routing weights."""
-    from gptoss_tune.kernels.moe import LowRank
-
-    generator = torch.Generator(device=DEVICE).manual_seed(3)
-
-    def randn(*shape: int, scale: float = 4.0) -> torch.Tensor:
-        return (scale * torch.randn(*shape, generator=generator, device=DEVICE)).bfloat16()
-
-    gate_up = randn(rows, 2 * inner)
-    if rows:
-        gate_up[0, :6] = torch.tensor([7.0, 7.0, -7.0, -7.0, 7.0, -7.0])
-    experts = torch.randint(0, num_experts, (rows,), generator=generator, device=DEVICE).sort().values
-    bounds = torch.arange(num_experts, device=DEVICE)
-    offsets = torch.searchsorted(experts, bounds, right=True).to(torch.int32)
-    update = LowRank(
-        randn(rows, rank, scale=1), randn(num_experts, rank, 2 * inner, scale=0.3), experts, offsets
-    )
-    down_a = randn(num_experts, inner, rank, scale=0.3)  # the down LoRA's A', used transposed
-    grad_low_rank = LowRank(randn(rows, rank, scale=1), down_a.transpose(-2, -1), experts, offsets)
-    return (
-        gate_up,
-        randn(num_experts, 2 * inner),
-        experts,
-        update,
-        grad_low_rank,
-        randn(rows, inner),
-        randn(rows),
-    )
-
-
-def assert_close_to_reference(actual, expected) -> None:
-    """Both compute in fp32 and round once (the references also round the low-rank product to bf16
-    first): within 1% of the largest value."""
-    for got, want in zip(actual, expected, strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        if want.numel():
-            assert relative_error(got, want) <= 1e-2
-
-
 @pytest.mark.parametrize("with_low_rank", [True, False])
 @pytest.mark.parametrize("rows,inner", [(4099, 2880), (37, 72), (0, 72)])
 def test_triton_expert_epilogues_match_their_references(rows, inner, with_low_rank) -> None:
-    from gptoss_tune.kernels import moe, moe_triton
-
-    base, bias, experts, update, grad_low_rank, grad, weights = epilogue_inputs(rows, inner)
-    update = update if with_low_rank else None
-    grad_low_rank = grad_low_rank if with_low_rank else None
-    gate_up, act = moe_triton.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)
-    assert_close_to_reference(
-        [gate_up], moe.gate_up_epilogue(base, bias, experts, update, 2.0, 1.702, 7.0)[:1]
-    )
-    # the activation is that of the stored gate_up (which backward recomputes), to a bf16 ulp or two
-    torch.testing.assert_close(
-        act, moe.clamped_swiglu(gate_up.float(), 1.702, 7.0).bfloat16(), rtol=1.6e-2, atol=1e-5
-    )
-    assert_close_to_reference(
-        moe_triton.activation_backward_epilogue(gate_up, grad, grad_low_rank, weights, 1.702, 7.0),
-        moe.activation_backward_epilogue(gate_up, grad, grad_low_rank, weights, 1.702, 7.0),
-    )
+    triton_cases.check_expert_epilogues(DEVICE, rows, inner, with_low_rank)
 
 
 @pytest.mark.parametrize("tokens,top_k,width", [(1000, 4, 2880), (3, 2, 64), (0, 4, 64)])
 def test_triton_token_sums_match_their_references(tokens, top_k, width) -> None:
-    from gptoss_tune.kernels import moe, moe_triton
-
-    generator = torch.Generator(device=DEVICE).manual_seed(6)
-    indices = torch.rand(tokens, 8, generator=generator, device=DEVICE).argsort(-1)[:, :top_k]
-    routing = moe.sort_by_expert(indices, 8)
-    rows = torch.randn(tokens * top_k, width, generator=generator, device=DEVICE).bfloat16()
-    bias = torch.randn(8, width, generator=generator, device=DEVICE).bfloat16()
-    weights = torch.rand(tokens * top_k, generator=generator, device=DEVICE).bfloat16()
-    args = (rows, bias, routing.experts, weights, routing.inverse, top_k)
-    torch.testing.assert_close(
-        moe_triton.down_epilogue(*args), moe.down_epilogue(*args), rtol=1e-5, atol=1e-5
-    )
-    torch.testing.assert_close(
-        moe_triton.sum_slots(rows, routing.inverse, top_k), moe.sum_slots(rows, routing.inverse, top_k)
-    )
+    triton_cases.check_token_sums(DEVICE, tokens, top_k, width)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,18 +239,7 @@ def test_fused_loss_matches_the_chunked_reference(dtype) -> None:
 
 @pytest.mark.parametrize("rows,vocab", [(37, 201088), (5, 1000), (0, 1000)])
 def test_triton_loss_chunk_matches_its_reference(rows, vocab) -> None:
-    from gptoss_tune.kernels import loss, loss_triton
-
-    generator = torch.Generator(device=DEVICE).manual_seed(4)
-    logits = (8 * torch.randn(rows, vocab, generator=generator, device=DEVICE)).bfloat16()
-    targets = torch.randint(0, vocab, (rows,), generator=generator, device=DEVICE)
-    if rows:
-        targets[:2] = torch.tensor([0, vocab - 1])  # the first and last columns
-    expected_loss, expected_grad = loss.cross_entropy_sum_and_grad(logits.clone(), targets)
-    actual_loss, actual_grad = loss_triton.cross_entropy_sum_and_grad(logits.clone(), targets)
-    assert actual_grad.dtype == torch.bfloat16 and actual_grad.shape == expected_grad.shape
-    torch.testing.assert_close(actual_loss, expected_loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-2, atol=1e-6)
+    triton_cases.check_loss_chunk(DEVICE, rows, vocab)
 
 
 # ---------------------------------------------------------------------------------------------------

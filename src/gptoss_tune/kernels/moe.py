@@ -298,19 +298,27 @@ class Epilogues:
 
     @classmethod
     def compiled(cls, device: torch.device) -> Epilogues:
-        """The fastest for `device`: the Triton kernels on CUDA (for bf16 rows; fp32 rows take
-        the compiled references), torch.compile of the references elsewhere."""
-        gate_up = _low_rank_materialized(torch.compile(gate_up_epilogue, dynamic=True), 3)
-        activation_backward = _low_rank_materialized(
-            torch.compile(activation_backward_epilogue, dynamic=True), 2
-        )
-        if not moe_triton.available(device):
-            return cls(gate_up, torch.compile(down_epilogue, dynamic=True), activation_backward,
-                       torch.compile(sum_slots, dynamic=True))  # fmt: skip
+        """The fastest for `device`: the Triton kernels on CUDA, torch.compile of the references
+        elsewhere."""
+        references = cls.compiled_references()
+        return cls.triton(references) if moe_triton.available(device) else references
+
+    @classmethod
+    def compiled_references(cls) -> Epilogues:
         return cls(
-            _bf16_or(moe_triton.gate_up_epilogue, gate_up),
+            _low_rank_materialized(torch.compile(gate_up_epilogue, dynamic=True), 3),
+            torch.compile(down_epilogue, dynamic=True),
+            _low_rank_materialized(torch.compile(activation_backward_epilogue, dynamic=True), 2),
+            torch.compile(sum_slots, dynamic=True),
+        )
+
+    @classmethod
+    def triton(cls, fallback: Epilogues) -> Epilogues:
+        """The Triton kernels (`moe_triton`); rows they do not take (not bf16) go to `fallback`."""
+        return cls(
+            _bf16_or(moe_triton.gate_up_epilogue, fallback.gate_up),
             moe_triton.down_epilogue,
-            _bf16_or(moe_triton.activation_backward_epilogue, activation_backward),
+            _bf16_or(moe_triton.activation_backward_epilogue, fallback.activation_backward),
             moe_triton.sum_slots,
         )
 
@@ -354,7 +362,8 @@ class _Adapter:
     def of(cls, lora: ExpertLora | None, dtype: torch.dtype) -> _Adapter | None:
         if lora is None:
             return None
-        lora_a, lora_b = aligned_lora_factors(lora, dtype)
+        with torch.no_grad():  # copies for compute: the gradients go to the parameters by hand
+            lora_a, lora_b = aligned_lora_factors(lora, dtype)
         return cls(lora_a, lora_b, lora.scaling, lora.lora_A.shape[-1])
 
     def grads(self, grad_a: Tensor, grad_b: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,126 +371,153 @@ class _Adapter:
         return grad_a[..., : self.rank].to(like.dtype), grad_b[:, : self.rank].to(like.dtype)
 
 
+@dataclass
+class _Layer:
+    """What the experts' forward and backward steps share: the frozen experts, the routing, the
+    adapters in the compute dtype and the epilogue kernels."""
+
+    experts: Experts
+    routing: SortedAssignments
+    gate_up: _Adapter | None
+    down: _Adapter | None
+    epilogues: Epilogues
+
+    @property
+    def offsets(self) -> Tensor:
+        return self.routing.offsets
+
+
+def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token rows [N, H] -> (pre-activation [S, 2I], activation [S, I], the LoRA's x A_e [S, r'])."""
+    experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
+    rows = tokens.index_select(0, routing.tokens)
+    base = grouped_mm(rows, experts.gate_up_weight().to(tokens.dtype), routing.offsets)
+    del rows
+    inputs = update = None
+    if adapter is not None:
+        inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
+        update = LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets)
+    pre_activation, activated = layer.epilogues.gate_up(
+        base, experts.gate_up_proj_bias, routing.experts, update,
+        adapter.scaling if adapter else 0.0, experts.alpha, experts.limit,
+    )  # fmt: skip
+    return pre_activation, activated, inputs
+
+
+def _down_forward(layer: _Layer, activated: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Activated rows [S, I] -> (each token's routing-weighted sum [N, H] fp32, act A'_e [S, r'])."""
+    experts, routing, adapter = layer.experts, layer.routing, layer.down
+    projected = grouped_mm(activated, experts.down_weight().to(activated.dtype), routing.offsets)
+    out = layer.epilogues.down(
+        projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k
+    )
+    del projected
+    inputs = None
+    if adapter is not None:
+        inputs = grouped_mm(activated, adapter.lora_a, routing.offsets)
+        out = out + sum_low_rank_outputs(
+            inputs * (weights.unsqueeze(-1) * adapter.scaling), adapter.lora_b, routing
+        )
+    return out, inputs
+
+
+def _down_backward(
+    layer: _Layer, grad_out: Tensor, pre_activation: Tensor, weights: Tensor, down_inputs: Tensor | None
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """dL/d out [N, H] -> (dL/d pre-activation [S, 2I], dL/d routing weight [S] fp32, the down
+    LoRA's (dA', dB')). The activation is recomputed inside the epilogue; the routing weights'
+    gradient is <dL/dy, y> with y = act V_e + c_e + s (act A'_e) B'_e, each term taken from a
+    gradient that backward computes anyway."""
+    experts, routing, adapter, offsets = layer.experts, layer.routing, layer.down, layer.offsets
+    dtype = grad_out.dtype
+    grad_rows = grad_out.index_select(0, routing.tokens)  # dL/dy per sorted row, before the weight
+    down_weight = experts.down_weight().to(dtype)
+    grad_base = grouped_mm(grad_rows, down_weight.transpose(-2, -1), offsets)  # (dL/dy) V_e^T
+    del down_weight, grad_rows
+    # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
+    grad_weights = pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
+    grad_low_rank = grad_down_inputs = None
+    if adapter is not None:
+        # (dL/dy) B'_e^T for every expert in one dense GEMM; dL/d(act A'_e) is it times s * w.
+        grad_b_side = pick_slots(grad_out @ all_experts(adapter.lora_b.transpose(-2, -1)), routing)
+        grad_weights = grad_weights + adapter.scaling * (grad_b_side.float() * down_inputs.float()).sum(-1)
+        grad_down_inputs = grad_b_side * (weights.unsqueeze(-1) * adapter.scaling)
+        grad_low_rank = LowRank(grad_down_inputs, adapter.lora_a.transpose(-2, -1), routing.experts, offsets)
+    grad_pre_activation, base_dot, activated = layer.epilogues.activation_backward(
+        pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
+    )
+    grad_weights = grad_weights + base_dot  # + <(dL/dy) V_e^T, act>
+    lora_grads = None
+    if adapter is not None:
+        scaled = down_inputs * (weights.unsqueeze(-1) * adapter.scaling)
+        grad_lora_b = (place_in_slots(scaled, routing).t() @ grad_out).view_as(adapter.lora_b)
+        grad_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
+        lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.down_lora.lora_A)
+    return grad_pre_activation, grad_weights, lora_grads
+
+
+def _gate_up_backward(
+    layer: _Layer, grad_pre_activation: Tensor, tokens: Tensor, gate_up_inputs: Tensor | None
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] fp32, the gate_up LoRA's (dA, dB))."""
+    experts, routing, adapter, offsets = layer.experts, layer.routing, layer.gate_up, layer.offsets
+    gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
+    grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
+    del gate_up_weight
+    grad_tokens = sum_over_slots(grad_rows, routing, layer.epilogues.slot_sum)
+    del grad_rows
+    if adapter is None:
+        return grad_tokens, None
+    # dL/d update = s * dL/d pre-activation: the scaling goes on the thin results, not on [S, 2I]
+    grad_lora_b = grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * adapter.scaling
+    grad_inputs = grouped_mm(grad_pre_activation, adapter.lora_b.transpose(-2, -1), offsets)
+    grad_inputs = place_in_slots(grad_inputs * adapter.scaling, routing)  # [N, E * r']
+    grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
+    grad_tokens = grad_tokens + grad_inputs @ all_experts(adapter.lora_a).t()
+    return grad_tokens, adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
+
+
 class _LoraExperts(torch.autograd.Function):
-    """The experts' output [N, H] (in `out_dtype`) from the token rows [N, H] and routing weights [N, k].
+    """The experts' output [N, H] (in `out_dtype`) from the token rows [N, H] and routing weights
+    [N, k]; the adapters' factors are inputs so that autograd routes their gradients.
 
     Saves only the token rows, the pre-activation gate_up [S, 2I] and two [S, r] low-rank inputs;
     backward recomputes the SwiGLU and gets the routing weights' gradient from the down projection's
-    input gradient (<dL/dy, act V_e> = <(dL/dy) V_e^T, act>), so neither the activation nor the down
-    output is kept. The base weights are frozen and fetched again in backward.
+    input gradient, so neither the activation nor the down output is kept. The base weights are
+    frozen and fetched again in backward.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        tokens,
-        expert_weights,
-        gate_up_a,
-        gate_up_b,
-        down_a,
-        down_b,
-        experts,
-        routing,
-        epilogues,
-        out_dtype,
-    ):
-        dtype = tokens.dtype
-        gate_up = _Adapter.of(_adapter(experts.gate_up_lora), dtype)
-        down = _Adapter.of(_adapter(experts.down_lora), dtype)
-        weights = expert_weights.reshape(-1).index_select(0, routing.order).to(dtype)
+    def forward(ctx, tokens, expert_weights, gate_up_a, gate_up_b, down_a, down_b, layer, out_dtype):
+        weights = expert_weights.reshape(-1).index_select(0, layer.routing.order).to(tokens.dtype)
         with torch.autocast(tokens.device.type, enabled=False):
-            rows = tokens.index_select(0, routing.tokens)
-            base = grouped_mm(rows, experts.gate_up_weight().to(dtype), routing.offsets)
-            del rows
-            gate_up_inputs = update = None
-            if gate_up is not None:
-                gate_up_inputs = low_rank_inputs(tokens, gate_up.lora_a, routing)
-                update = LowRank(gate_up_inputs, gate_up.lora_b, routing.experts, routing.offsets)
-            pre_activation, activated = epilogues.gate_up(
-                base, experts.gate_up_proj_bias, routing.experts, update,
-                gate_up.scaling if gate_up else 0.0, experts.alpha, experts.limit,
-            )  # fmt: skip
-            del base, update
-            projected = grouped_mm(activated, experts.down_weight().to(dtype), routing.offsets)
-            out = epilogues.down(
-                projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k
-            )
-            del projected
-            down_inputs = None
-            if down is not None:
-                down_inputs = grouped_mm(activated, down.lora_a, routing.offsets)
-                scaled = down_inputs * (weights.unsqueeze(-1) * down.scaling)
-                out = out + sum_low_rank_outputs(scaled, down.lora_b, routing)
+            pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
+            out, down_inputs = _down_forward(layer, activated, weights)
         ctx.save_for_backward(tokens, pre_activation, weights, gate_up_inputs, down_inputs)
-        ctx.experts, ctx.routing, ctx.epilogues = experts, routing, epilogues
-        ctx.adapters = (gate_up, down)
-        ctx.weights_dtype = expert_weights.dtype
+        ctx.layer, ctx.weights_dtype = layer, expert_weights.dtype
         return out.to(out_dtype)  # cast here: the gradient then arrives in out_dtype, not fp32
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
-        experts, routing, epilogues = ctx.experts, ctx.routing, ctx.epilogues
-        gate_up, down = ctx.adapters
-        dtype, offsets = tokens.dtype, routing.offsets
+        layer: _Layer = ctx.layer
         with torch.autocast(tokens.device.type, enabled=False):
-            grad_out = grad_out.to(dtype)
-            grad_rows = grad_out.index_select(0, routing.tokens)  # dL/dy per sorted row, unweighted
-            down_weight = experts.down_weight().to(dtype)
-            grad_base = grouped_mm(grad_rows, down_weight.transpose(-2, -1), offsets)
-            del down_weight, grad_rows
-            # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
-            grad_weights = (
-                pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
+            grad_pre_activation, grad_weights, down_grads = _down_backward(
+                layer, grad_out.to(tokens.dtype), pre_activation, weights, down_inputs
             )
-            grad_low_rank = None
-            if down is not None:
-                # dL/d(act A'_e) = s * w * (dL/dy) B'_e^T, all experts' B' in one dense GEMM.
-                grad_down_b_side = pick_slots(grad_out @ all_experts(down.lora_b.transpose(-2, -1)), routing)
-                grad_weights = grad_weights + down.scaling * (
-                    grad_down_b_side.float() * down_inputs.float()
-                ).sum(-1)
-                grad_down_inputs = grad_down_b_side * (weights.unsqueeze(-1) * down.scaling)
-                grad_low_rank = LowRank(
-                    grad_down_inputs, down.lora_a.transpose(-2, -1), routing.experts, offsets
-                )
-            grad_pre_activation, base_dot, activated = epilogues.activation_backward(
-                pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
-            )
-            del grad_base, grad_low_rank
-            grad_weights = grad_weights + base_dot
-            grad_down = None
-            if down is not None:
-                scaled = down_inputs * (weights.unsqueeze(-1) * down.scaling)
-                grad_down_lora_b = (place_in_slots(scaled, routing).t() @ grad_out).view_as(down.lora_b)
-                grad_down_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
-                grad_down = down.grads(grad_down_lora_a, grad_down_lora_b, experts.down_lora.lora_A)
-            del activated
-            gate_up_weight = experts.gate_up_weight().to(dtype)
-            grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
-            grad_tokens = sum_over_slots(grad_rows, routing, epilogues.slot_sum)
-            del gate_up_weight, grad_rows
-            grad_gate_up = None
-            if gate_up is not None:
-                # dL/d update = s * dL/d gate_up: the scaling goes on the thin results, not on [S, 2I]
-                grad_gate_up_b = (
-                    grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * gate_up.scaling
-                )
-                grad_inputs = grouped_mm(grad_pre_activation, gate_up.lora_b.transpose(-2, -1), offsets)
-                grad_inputs = place_in_slots(grad_inputs * gate_up.scaling, routing)
-                grad_gate_up_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
-                grad_tokens = grad_tokens + grad_inputs @ all_experts(gate_up.lora_a).t()
-                grad_gate_up = gate_up.grads(grad_gate_up_a, grad_gate_up_b, experts.gate_up_lora.lora_A)
+            grad_tokens, gate_up_grads = _gate_up_backward(layer, grad_pre_activation, tokens, gate_up_inputs)
+        routing = layer.routing
         grad_expert_weights = grad_weights.index_select(0, routing.inverse).view(
             routing.num_tokens, routing.top_k
         )
         return (
-            grad_tokens.to(dtype),
+            grad_tokens.to(tokens.dtype),
             grad_expert_weights.to(ctx.weights_dtype),
-            *(grad_gate_up or (None, None)),
-            *(grad_down or (None, None)),
-            None, None, None, None,
-        )  # fmt: skip
+            *(gate_up_grads or (None, None)),
+            *(down_grads or (None, None)),
+            None,
+            None,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -505,11 +541,16 @@ class GroupedExperts:
     weight or bias is trainable (the hand-written backward keeps no gradient for them).
     """
 
-    def __init__(self, compile: bool = True) -> None:
+    def __init__(self, compile: bool = True, epilogues: Epilogues | None = None) -> None:
+        """`epilogues`: use these on every device instead of choosing (tests run the Triton ones on
+        the CPU under Triton's interpreter)."""
         self.compiled = compile
+        self.fixed_epilogues = epilogues
         self._epilogues: dict[torch.device, Epilogues] = {}
 
     def epilogues(self, device: torch.device) -> Epilogues:
+        if self.fixed_epilogues is not None:
+            return self.fixed_epilogues
         if not self.compiled:
             return Epilogues()
         if device not in self._epilogues:
@@ -535,13 +576,14 @@ class GroupedExperts:
         if not self.can_run(experts, dtype):
             return eager_experts(experts, hidden, expert_indices, expert_weights)
         routing = sort_by_expert(expert_indices, experts.num_experts)
-        return _LoraExperts.apply(
-            hidden.to(dtype),
-            expert_weights,
-            *_factors(_adapter(experts.gate_up_lora)),
-            *_factors(_adapter(experts.down_lora)),
+        gate_up, down = _adapter(experts.gate_up_lora), _adapter(experts.down_lora)
+        layer = _Layer(
             experts,
             routing,
+            _Adapter.of(gate_up, dtype),
+            _Adapter.of(down, dtype),
             self.epilogues(hidden.device),
-            hidden.dtype,
+        )
+        return _LoraExperts.apply(
+            hidden.to(dtype), expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype
         )
