@@ -291,6 +291,8 @@ def activation_backward_epilogue(
 
 @dataclass
 class Epilogues:
+    """The experts' memory-bound steps between the GEMMs; the eager references by default."""
+
     gate_up: Callable[..., tuple[Tensor, Tensor]] = gate_up_epilogue
     down: Callable[..., Tensor] = down_epilogue
     activation_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = activation_backward_epilogue

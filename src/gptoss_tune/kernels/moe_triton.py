@@ -46,11 +46,6 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-def handles(rows: Tensor) -> bool:
-    """Whether these kernels take `rows` (bf16 on CUDA; other dtypes use the references)."""
-    return available(rows.device) and rows.dtype == torch.bfloat16
-
-
 if triton is not None:
 
     @triton.jit
