@@ -8,11 +8,7 @@ from __future__ import annotations
 import torch
 
 from gptoss_tune.kernels import loss, loss_triton, moe, moe_triton
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+from test_kernels import BF16_TOLERANCE, relative_error
 
 
 def assert_close_to_reference(actual, expected) -> None:
@@ -97,7 +93,7 @@ def check_grouped_experts_on_cpu(tokens: int, hidden: int, inner: int) -> None:
     bf16, with the gradients of the tokens, the routing weights and all four adapter factors. On
     CUDA, tests/gpu checks the same through `GroupedExperts(compile=True)`."""
     from gptoss_tune.model.gpt_oss import eager_experts
-    from test_kernels import BF16_TOLERANCE, experts_outputs_and_grads, experts_with_adapters, routing_inputs
+    from test_kernels import experts_outputs_and_grads, experts_with_adapters, routing_inputs
 
     experts = experts_with_adapters(hidden=hidden, inner=inner)
     experts.to(torch.bfloat16)

@@ -33,6 +33,7 @@ from gptoss_tune.model.gpt_oss import (
 )
 from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
 from gptoss_tune.model.presets import preset_config
+from triton_cases import relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,11 +41,6 @@ DEVICE = torch.device("cuda")
 LENGTH = 1024
 FP32_TOLERANCE = 2e-3  # relative to the largest value
 BF16_SLACK = 1e-2
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_as_accurate(

@@ -67,16 +67,25 @@ def measure_loss_memory(model: GptOss, tokens: int, dtype: torch.dtype = torch.b
     peak = 0
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         for _warmup_then_measure in range(2):
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            before = _start_measuring(device)
             loss_sum, count = model.loss_fn(hidden, model.lm_head.weight, labels, position_ids)
             (loss_sum / count).backward()
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - before
+            peak = _peak_since(device, before)
             hidden.grad = None
             del loss_sum, count
     return peak
+
+
+def _start_measuring(device: torch.device) -> int:
+    """Bytes allocated now, with the peak counter reset to them."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_since(device: torch.device, before: int) -> int:
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _random_layer_inputs(model: GptOss, tokens: int, dtype: torch.dtype, device: torch.device):
@@ -111,15 +120,12 @@ def _layer_forward_backward_bytes(
 ) -> tuple[int, int]:
     """(bytes kept from forward to backward beyond the output, peak bytes of forward + backward)."""
     device = hidden.device
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    before = _start_measuring(device)
     output: Tensor = layer(hidden, cos, sin, documents)
     torch.cuda.synchronize(device)
     saved = torch.cuda.memory_allocated(device) - before - output.numel() * output.element_size()
     output.backward(torch.randn_like(output))
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    peak = _peak_since(device, before)
     hidden.grad = None
     for param in layer.parameters():
         param.grad = None

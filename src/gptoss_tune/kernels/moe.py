@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptoss_tune.kernels import moe_triton
-from gptoss_tune.model.gpt_oss import Experts, eager_experts
+from gptoss_tune.model.gpt_oss import Experts, clamped_swiglu, eager_experts
 from gptoss_tune.model.lora import ExpertLora
 
 SlotSum = Callable[[Tensor, Tensor, int], Tensor]
@@ -116,11 +116,10 @@ def sort_by_expert(expert_indices: Tensor, num_experts: int) -> SortedAssignment
     return SortedAssignments(order, order // top_k, experts, offsets, inverse, top_k)
 
 
-def sum_over_slots(rows: Tensor, routing: SortedAssignments, summed: SlotSum | None = None) -> Tensor:
+def sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
     """Sorted rows [S, D] -> each token's sum of its k rows [N, D], in fp32 at least. A gather and
-    a reduction over the k slots: no scatter-add (index_add serializes on atomics). `summed` is
-    `sum_slots` or a compiled version of it (one kernel, no gathered copy)."""
-    return (summed or sum_slots)(rows, routing.inverse, routing.top_k)
+    a reduction over the k slots: no scatter-add (index_add serializes on atomics)."""
+    return sum_slots(rows, routing.inverse, routing.top_k)
 
 
 def sum_slots(rows: Tensor, inverse: Tensor, top_k: int) -> Tensor:
@@ -192,17 +191,10 @@ def grouped_weight_grad(inputs: Tensor, grads: Tensor, offsets: Tensor) -> Tenso
 
 
 # ---------------------------------------------------------------------------------------------------
-# Epilogues (elementwise; compiled into one kernel each when compile=True). They compute in fp32
-# and return the rows' dtype, so the eager versions round like the compiled ones.
+# Epilogues: the memory-bound steps between the GEMMs. These are the references (Triton kernels in
+# `moe_triton` on CUDA, torch.compile of these elsewhere). They compute in fp32 and return the rows'
+# dtype, so the reference rounds like the fast versions.
 # ---------------------------------------------------------------------------------------------------
-
-
-def clamped_swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
-    """gpt-oss's activation on interleaved [gate, up] columns (see `Experts.activation`)."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def clamped_swiglu_backward(gate_up: Tensor, grad: Tensor, alpha: float, limit: float) -> Tensor:
@@ -438,12 +430,13 @@ def _down_backward(
     del down_weight, grad_rows
     # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
     grad_weights = pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
-    grad_low_rank = grad_down_inputs = None
+    grad_low_rank = grad_down_inputs = weight_scale = None
     if adapter is not None:
+        weight_scale = weights.unsqueeze(-1) * adapter.scaling  # s * w per row
         # (dL/dy) B'_e^T for every expert in one dense GEMM; dL/d(act A'_e) is it times s * w.
         grad_b_side = pick_slots(grad_out @ all_experts(adapter.lora_b.transpose(-2, -1)), routing)
         grad_weights = grad_weights + adapter.scaling * (grad_b_side.float() * down_inputs.float()).sum(-1)
-        grad_down_inputs = grad_b_side * (weights.unsqueeze(-1) * adapter.scaling)
+        grad_down_inputs = grad_b_side * weight_scale
         grad_low_rank = LowRank(grad_down_inputs, adapter.lora_a.transpose(-2, -1), routing.experts, offsets)
     grad_pre_activation, base_dot, activated = layer.epilogues.activation_backward(
         pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
@@ -451,8 +444,9 @@ def _down_backward(
     grad_weights = grad_weights + base_dot  # + <(dL/dy) V_e^T, act>
     lora_grads = None
     if adapter is not None:
-        scaled = down_inputs * (weights.unsqueeze(-1) * adapter.scaling)
-        grad_lora_b = (place_in_slots(scaled, routing).t() @ grad_out).view_as(adapter.lora_b)
+        grad_lora_b = (place_in_slots(down_inputs * weight_scale, routing).t() @ grad_out).view_as(
+            adapter.lora_b
+        )
         grad_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.down_lora.lora_A)
     return grad_pre_activation, grad_weights, lora_grads
@@ -466,7 +460,7 @@ def _gate_up_backward(
     gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
     grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
     del gate_up_weight
-    grad_tokens = sum_over_slots(grad_rows, routing, layer.epilogues.slot_sum)
+    grad_tokens = layer.epilogues.slot_sum(grad_rows, routing.inverse, routing.top_k)
     del grad_rows
     if adapter is None:
         return grad_tokens, None

@@ -157,6 +157,15 @@ def group_by_expert(expert_indices: Tensor, num_experts: int) -> tuple[Tensor, T
     return order, tokens, counts
 
 
+def clamped_swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's activation on interleaved [gate, up] columns (gate = [..., ::2], up = [..., 1::2]):
+    (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=l)."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor) -> Tensor:
     """Loop over the experts that received tokens; each runs only on its own tokens."""
     order, tokens, counts = group_by_expert(expert_indices, experts.num_experts)
@@ -406,11 +415,7 @@ class Experts(nn.Module):
         return out
 
     def activation(self, gate_up: Tensor) -> Tensor:
-        """Clamped SwiGLU: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=l)."""
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return clamped_swiglu(gate_up, self.alpha, self.limit)
 
     def down(self, activated: Tensor, expert: int, weight: Tensor) -> Tensor:
         """activated [n, I] -> [n, H] for one expert; `weight` is `down_weight()`, fetched once per layer."""
