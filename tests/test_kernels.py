@@ -16,6 +16,7 @@ from gptoss_tune.kernels import FusedLinearCrossEntropy, GroupedExperts, enable_
 from gptoss_tune.kernels.attention import (
     FlexAttention,
     build_block_mask,
+    kernel_options_for,
     mask_mod_for,
     tile_table,
     tiles_to_kv_blocks,
@@ -158,6 +159,11 @@ def test_flex_attention_forward_matches_eager(window, length) -> None:
         actual = flex(query, key, value, sinks, **kwargs)
         expected = eager_attention(query, key, value, sinks, **kwargs)
     assert relative_error(actual, expected) <= FP32_TOLERANCE
+
+
+def test_tuned_attention_tiles_only_where_they_were_measured() -> None:
+    query = torch.zeros(1, 4, 256, 64, dtype=torch.bfloat16)
+    assert kernel_options_for(query) is None  # CPU: FlexAttention's defaults (sm90 is tested in tests/gpu)
 
 
 def test_flex_attention_falls_back_to_eager_for_shapes_it_cannot_take() -> None:

@@ -73,6 +73,18 @@ def check_token_sums(device: torch.device, tokens: int, top_k: int, width: int) 
     torch.testing.assert_close(
         moe_triton.sum_slots(rows, routing.inverse, top_k), moe.sum_slots(rows, routing.inverse, top_k)
     )
+    # The per-token addend (the LoRA term) and the rounding to the caller's dtype, done once.
+    addend = torch.randn(tokens, width, generator=generator, device=device).bfloat16()
+    for out_dtype in (torch.bfloat16, torch.float32):
+        for_down = (*args, addend, out_dtype)
+        actual, expected = moe_triton.down_epilogue(*for_down), moe.down_epilogue(*for_down)
+        assert actual.dtype == expected.dtype == out_dtype
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if out_dtype == torch.float32 else {}
+        torch.testing.assert_close(actual, expected, **tolerance)
+        for_sum = (rows, routing.inverse, top_k, addend, out_dtype)
+        actual, expected = moe_triton.sum_slots(*for_sum), moe.sum_slots(*for_sum)
+        assert actual.dtype == expected.dtype == out_dtype
+        torch.testing.assert_close(actual, expected)
 
 
 def check_loss_chunk(device: torch.device, rows: int, vocab: int) -> None:

@@ -40,11 +40,16 @@ for _ in range(3):
 end.record()
 torch.cuda.synchronize()
 print(f"{layers} layers, {tokens} tokens: {start.elapsed_time(end) / 3:.1f} ms per forward + backward")
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as profiler:
     step()
     torch.cuda.synchronize()
 table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+by_shape = profiler.key_averages(group_by_input_shape=True).table(
+    sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=40, max_shapes_column_width=90
+)
 if len(sys.argv) > 3:
     with open(sys.argv[3], "w") as file:
         file.write(table)
+    with open(sys.argv[3] + ".shapes", "w") as file:
+        file.write(by_shape)
 print(table)

@@ -14,6 +14,7 @@ import torch
 
 import triton_cases
 from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
+from gptoss_tune.kernels.attention import kernel_options_for
 from gptoss_tune.kernels.memory import (
     auto_budget_bytes,
     measure_layer_memory,
@@ -114,6 +115,8 @@ def attention_and_grads(attention_fn, inputs, window: int | None):
 def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) -> None:
     inputs = attention_inputs(dtype)
     assert flex.can_run(*inputs[:4])
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() == (9, 0):
+        assert kernel_options_for(inputs[0]) is not None  # the tuned tiles are the ones tested here
     actual, actual_grads = attention_and_grads(flex, inputs, window)
     eager, eager_grads = attention_and_grads(eager_attention, inputs, window)
     truth, truth_grads = attention_and_grads(eager_attention, as_fp32_leaves(inputs, 3), window)

@@ -54,7 +54,7 @@ from gptoss_tune.kernels import moe_triton
 from gptoss_tune.model.gpt_oss import Experts, clamped_swiglu, eager_experts
 from gptoss_tune.model.lora import ExpertLora
 
-SlotSum = Callable[[Tensor, Tensor, int], Tensor]
+SlotSum = Callable[..., Tensor]  # (rows, inverse, top_k, addend=None, out_dtype=None) -> [N, D]
 
 GROUPED_MM_ALIGNMENT_BYTES = 16  # grouped_mm wants every row stride a multiple of 16 bytes
 
@@ -122,10 +122,21 @@ def sum_over_slots(rows: Tensor, routing: SortedAssignments) -> Tensor:
     return sum_slots(rows, routing.inverse, routing.top_k)
 
 
-def sum_slots(rows: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+def sum_slots(
+    rows: Tensor,
+    inverse: Tensor,
+    top_k: int,
+    addend: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Each token's sum of its k rows [N, D] (+ `addend` [N, D]), accumulated in fp32 at least and
+    rounded once to `out_dtype` (default: the accumulation dtype)."""
     per_slot = rows.index_select(0, inverse)  # (token, slot) order
     accumulate = torch.promote_types(rows.dtype, torch.float32)
-    return per_slot.view(-1, top_k, rows.shape[-1]).sum(dim=1, dtype=accumulate)
+    total = per_slot.view(-1, top_k, rows.shape[-1]).sum(dim=1, dtype=accumulate)
+    if addend is not None:
+        total = total + addend.to(accumulate)
+    return total.to(out_dtype or accumulate)
 
 
 def pick_slots(per_token: Tensor, routing: SortedAssignments) -> Tensor:
@@ -249,12 +260,19 @@ def gate_up_epilogue(
 
 
 def down_epilogue(
-    base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor, inverse: Tensor, top_k: int
+    base: Tensor,
+    bias: Tensor,
+    experts: Tensor,
+    weights: Tensor,
+    inverse: Tensor,
+    top_k: int,
+    addend: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Each token's routing-weighted sum of (act V_e + c_e) over its k sorted rows [N, H], fp32
-    (the LoRA term is added per token)."""
+    """Each token's routing-weighted sum of (act V_e + c_e) over its k sorted rows, + `addend` (the
+    LoRA term, per token) [N, H]: accumulated in fp32, rounded once to `out_dtype` (default fp32)."""
     weighted = (base.float() + bias.index_select(0, experts).float()) * weights.float().unsqueeze(-1)
-    return sum_slots(weighted, inverse, top_k)
+    return sum_slots(weighted, inverse, top_k, addend, out_dtype)
 
 
 def activation_backward_epilogue(
@@ -398,20 +416,23 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
     return pre_activation, activated, inputs
 
 
-def _down_forward(layer: _Layer, activated: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Activated rows [S, I] -> (each token's routing-weighted sum [N, H] fp32, act A'_e [S, r'])."""
+def _down_forward(
+    layer: _Layer, activated: Tensor, weights: Tensor, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Activated rows [S, I] -> (each token's routing-weighted sum [N, H] in `out_dtype`, act A'_e
+    [S, r']). The LoRA term is summed per token first and added inside the epilogue."""
     experts, routing, adapter = layer.experts, layer.routing, layer.down
-    projected = grouped_mm(activated, experts.down_weight().to(activated.dtype), routing.offsets)
-    out = layer.epilogues.down(
-        projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k
-    )
-    del projected
-    inputs = None
+    inputs = low_rank = None
     if adapter is not None:
         inputs = grouped_mm(activated, adapter.lora_a, routing.offsets)
-        out = out + sum_low_rank_outputs(
+        low_rank = sum_low_rank_outputs(
             inputs * (weights.unsqueeze(-1) * adapter.scaling), adapter.lora_b, routing
         )
+    projected = grouped_mm(activated, experts.down_weight().to(activated.dtype), routing.offsets)
+    out = layer.epilogues.down(
+        projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k,
+        low_rank, out_dtype,
+    )  # fmt: skip
     return out, inputs
 
 
@@ -455,22 +476,25 @@ def _down_backward(
 def _gate_up_backward(
     layer: _Layer, grad_pre_activation: Tensor, tokens: Tensor, gate_up_inputs: Tensor | None
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] fp32, the gate_up LoRA's (dA, dB))."""
+    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] in the tokens' dtype, the gate_up LoRA's
+    (dA, dB))."""
     experts, routing, adapter, offsets = layer.experts, layer.routing, layer.gate_up, layer.offsets
+    grad_low_rank = lora_grads = None
+    if adapter is not None:
+        # dL/d update = s * dL/d pre-activation: the scaling goes on the thin results, not on [S, 2I]
+        grad_lora_b = grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * adapter.scaling
+        grad_inputs = grouped_mm(grad_pre_activation, adapter.lora_b.transpose(-2, -1), offsets)
+        grad_inputs = place_in_slots(grad_inputs * adapter.scaling, routing)  # [N, E * r']
+        grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
+        grad_low_rank = grad_inputs @ all_experts(adapter.lora_a).t()  # added inside the slot sum
+        lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
     gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
     grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
     del gate_up_weight
-    grad_tokens = layer.epilogues.slot_sum(grad_rows, routing.inverse, routing.top_k)
-    del grad_rows
-    if adapter is None:
-        return grad_tokens, None
-    # dL/d update = s * dL/d pre-activation: the scaling goes on the thin results, not on [S, 2I]
-    grad_lora_b = grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * adapter.scaling
-    grad_inputs = grouped_mm(grad_pre_activation, adapter.lora_b.transpose(-2, -1), offsets)
-    grad_inputs = place_in_slots(grad_inputs * adapter.scaling, routing)  # [N, E * r']
-    grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
-    grad_tokens = grad_tokens + grad_inputs @ all_experts(adapter.lora_a).t()
-    return grad_tokens, adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
+    grad_tokens = layer.epilogues.slot_sum(
+        grad_rows, routing.inverse, routing.top_k, grad_low_rank, tokens.dtype
+    )
+    return grad_tokens, lora_grads
 
 
 class _LoraExperts(torch.autograd.Function):
@@ -488,10 +512,11 @@ class _LoraExperts(torch.autograd.Function):
         weights = expert_weights.reshape(-1).index_select(0, layer.routing.order).to(tokens.dtype)
         with torch.autocast(tokens.device.type, enabled=False):
             pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
-            out, down_inputs = _down_forward(layer, activated, weights)
+            # rounded to out_dtype inside the epilogue: the gradient then arrives in out_dtype too
+            out, down_inputs = _down_forward(layer, activated, weights, out_dtype)
         ctx.save_for_backward(tokens, pre_activation, weights, gate_up_inputs, down_inputs)
         ctx.layer, ctx.weights_dtype = layer, expert_weights.dtype
-        return out.to(out_dtype)  # cast here: the gradient then arrives in out_dtype, not fp32
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -507,7 +532,7 @@ class _LoraExperts(torch.autograd.Function):
             routing.num_tokens, routing.top_k
         )
         return (
-            grad_tokens.to(tokens.dtype),
+            grad_tokens,
             grad_expert_weights.to(ctx.weights_dtype),
             *(gate_up_grads or (None, None)),
             *(down_grads or (None, None)),

@@ -12,7 +12,8 @@ in separate, strided kernels; the token sums are reductions over only k = 4 gath
 - the per-row LoRA products that meet these epilogues, (x A_e) B_e in gate_up and the down LoRA's
   input gradient (du A'_e^T), are r-term sums done in registers: the [S, 2I] and [S, I] products
   a thin grouped GEMM would write (and the epilogue read back) never exist;
-- each token's sum over its k rows is a loop over k in registers, the gathered rows read once.
+- each token's sum over its k rows is a loop over k in registers, the gathered rows read once; the
+  per-token LoRA term is added there too, and the sum is rounded once to the caller's dtype.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ try:
 except ImportError:  # CPU-only installs: the compiled references are used instead
     triton = None
 
-PAIR_BLOCK = (16, 128)  # rows, (gate, up) pairs
-ROW_BLOCK = 8  # rows per program of the backward, which loops over the row
+# Block sizes measured on an H200 at 16k tokens (scripts/gpu/tune_kernels.py epilogues)
+PAIR_BLOCK = (16, 64)  # rows, (gate, up) pairs per program of the gate_up forward
+ROW_BLOCK = (8, 128)  # rows per program of the activation backward, which loops over the row; pairs per step
 TOKEN_SUM_BLOCK = (16, 256)  # tokens, columns
 
 
@@ -143,9 +145,10 @@ if triton is not None:
 
     @triton.jit
     def _token_sum_kernel(
-        rows_ptr, inverse_ptr, bias_ptr, experts_ptr, weights_ptr, out_ptr,
+        rows_ptr, inverse_ptr, bias_ptr, experts_ptr, weights_ptr, addend_ptr, out_ptr,
         tokens, width,
-        TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, ADDEND: tl.constexpr,
+        BLOCK_TOKENS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
         token_ids = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
         cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -163,7 +166,10 @@ if triton is not None:
                 bias = tl.load(bias_ptr + expert[:, None] * width + cols[None, :], mask=mask, other=0.0)
                 row = (row + bias.to(tl.float32)) * weight[:, None]
             total += row
-        tl.store(out_ptr + token_ids[:, None].to(tl.int64) * width + cols[None, :], total, mask=mask)
+        offsets = token_ids[:, None].to(tl.int64) * width + cols[None, :]
+        if ADDEND:
+            total += tl.load(addend_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _pairs(tensor: Tensor) -> Tensor:
@@ -224,41 +230,63 @@ def activation_backward_epilogue(
     grad_base = grad_base.to(torch.bfloat16).contiguous()
     inputs, factor, rank = _low_rank_args(grad_low_rank, torch.bfloat16, grad_base)
     experts = grad_low_rank.experts.contiguous() if grad_low_rank is not None else weights
-    _activation_backward_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+    _activation_backward_kernel[(triton.cdiv(rows, ROW_BLOCK[0]),)](
         _pairs(gate_up), grad_base, inputs, factor, experts, weights.contiguous(),
         grad_gate_up.view(torch.int32), base_dot, act,
         rows, inner, float(alpha), float(limit),
-        RANK=rank, BLOCK_ROWS=ROW_BLOCK, BLOCK_PAIRS=PAIR_BLOCK[1],
+        RANK=rank, BLOCK_ROWS=ROW_BLOCK[0], BLOCK_PAIRS=ROW_BLOCK[1],
     )  # fmt: skip
     return grad_gate_up, base_dot, act
 
 
 def _token_sum(
-    rows: Tensor, inverse: Tensor, top_k: int, weighted: tuple[Tensor, Tensor, Tensor] | None
+    rows: Tensor,
+    inverse: Tensor,
+    top_k: int,
+    weighted: tuple[Tensor, Tensor, Tensor] | None,
+    addend: Tensor | None,
+    out_dtype: torch.dtype | None,
 ) -> Tensor:
     rows = rows.contiguous()
     width = rows.shape[-1]
     tokens = inverse.numel() // top_k
-    out = torch.empty(tokens, width, device=rows.device, dtype=torch.promote_types(rows.dtype, torch.float32))
+    out_dtype = out_dtype or torch.promote_types(rows.dtype, torch.float32)
+    out = torch.empty(tokens, width, device=rows.device, dtype=out_dtype)
     if tokens == 0:
         return out
     bias, experts, weights = weighted if weighted is not None else (rows, inverse, rows)
+    has_addend = addend is not None
+    addend = addend.contiguous() if has_addend else rows  # (a placeholder pointer without)
     block_tokens, block_cols = TOKEN_SUM_BLOCK
     _token_sum_kernel[(triton.cdiv(tokens, block_tokens), triton.cdiv(width, block_cols))](
-        rows, inverse.contiguous(), bias.contiguous(), experts.contiguous(), weights.contiguous(), out,
+        rows, inverse.contiguous(), bias.contiguous(), experts.contiguous(), weights.contiguous(), addend, out,
         tokens, width,
-        TOP_K=top_k, WEIGHTED=weighted is not None, BLOCK_TOKENS=block_tokens, BLOCK_COLS=block_cols,
+        TOP_K=top_k, WEIGHTED=weighted is not None, ADDEND=has_addend,
+        BLOCK_TOKENS=block_tokens, BLOCK_COLS=block_cols,
     )  # fmt: skip
     return out
 
 
 def down_epilogue(
-    base: Tensor, bias: Tensor, experts: Tensor, weights: Tensor, inverse: Tensor, top_k: int
+    base: Tensor,
+    bias: Tensor,
+    experts: Tensor,
+    weights: Tensor,
+    inverse: Tensor,
+    top_k: int,
+    addend: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Same contract as `gptoss_tune.kernels.moe.down_epilogue`."""
-    return _token_sum(base, inverse, top_k, (bias, experts, weights))
+    return _token_sum(base, inverse, top_k, (bias, experts, weights), addend, out_dtype or torch.float32)
 
 
-def sum_slots(rows: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+def sum_slots(
+    rows: Tensor,
+    inverse: Tensor,
+    top_k: int,
+    addend: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Same contract as `gptoss_tune.kernels.moe.sum_slots`."""
-    return _token_sum(rows, inverse, top_k, None)
+    return _token_sum(rows, inverse, top_k, None, addend, out_dtype)
