@@ -1,0 +1,43 @@
+"""What the design scripts here share: a gpt-oss-20b-shaped model cut to `layers`, random bf16
+weights, LoRA r=8 on attention and experts, our fast paths, one packed micro-batch of 1024-token
+documents, and timing of whole forward + backward steps."""
+
+import torch
+
+from gptoss_tune.bench.run import bench_config
+from gptoss_tune.bench.weights import random_model
+from gptoss_tune.kernels import enable_fast_paths
+from gptoss_tune.model.lora import LoraOptions, adapters_to_fp32, apply_lora
+
+
+class StepModel:
+    def __init__(self, layers: int, tokens: int) -> None:
+        self.config = bench_config("20b", layers)
+        self.model = random_model(self.config, "cuda", storage="bf16")
+        options = LoraOptions.from_strings(rank=8, alpha=16, targets="attn,experts")
+        self.params = list(adapters_to_fp32(apply_lora(self.model, options)).values())
+        enable_fast_paths(self.model)
+        self.input_ids = torch.randint(0, self.config.vocab_size, (1, tokens), device="cuda")
+        self.position_ids = torch.arange(tokens, device="cuda").remainder(1024).unsqueeze(0)
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, count = self.model.loss(self.input_ids, self.input_ids, self.position_ids)
+        return total / count
+
+    def step(self) -> None:
+        self.loss().backward()
+
+    def milliseconds(self, step=None, warmup: int = 3, repeats: int = 3) -> float:
+        """GPU time of `step` (default: forward + backward), after `warmup` untimed ones."""
+        step = step or self.step
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
