@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import triton_cases
 from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
@@ -21,6 +22,7 @@ from gptoss_tune.kernels.memory import (
     measure_loss_memory,
     plan_activation_checkpointing,
 )
+from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
@@ -31,8 +33,9 @@ from gptoss_tune.model.gpt_oss import (
     eager_experts,
     rms_norm,
     rotate_query_key,
+    separate_projections,
 )
-from gptoss_tune.model.lora import ExpertLora, LoraOptions, apply_lora
+from gptoss_tune.model.lora import ExpertLora, LoraLinear, LoraOptions, apply_lora
 from gptoss_tune.model.presets import preset_config
 from triton_cases import relative_error
 
@@ -126,6 +129,62 @@ def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) 
         ("query", "key", "value"), actual_grads, eager_grads, truth_grads, strict=True
     ):
         assert_as_accurate(name, got, baseline, want, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stacked q/k/v projections
+# ---------------------------------------------------------------------------------------------------
+
+
+def qkv_projections(dtype: torch.dtype) -> list[nn.Linear]:
+    """gpt-oss-20b's query, key and value projections (bf16 base, fp32 LoRA r=8, B non-zero)."""
+    config = preset_config("20b")
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+    layers = []
+    for count in heads:
+        base = nn.Linear(config.hidden_size, count * config.head_dim, device=DEVICE)
+        with torch.no_grad():
+            base.weight.copy_(0.02 * torch.randn(base.weight.shape, generator=generator, device=DEVICE))
+            base.bias.copy_(0.1 * torch.randn(base.bias.shape, generator=generator, device=DEVICE))
+        layer = LoraLinear(base.to(dtype).requires_grad_(False), 8, 2.0, 0.0)
+        layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), layer.lora_B.data.float()
+        with torch.no_grad():
+            layer.lora_B.copy_(0.02 * torch.randn(layer.lora_B.shape, generator=generator, device=DEVICE))
+        layers.append(layer)
+    return layers
+
+
+def projections_and_grads(fn, layers, hidden, dtype: torch.dtype):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        outs = fn(layers, hidden)
+    probes = [
+        torch.randn(o.shape, generator=torch.Generator(device=DEVICE).manual_seed(i), device=DEVICE)
+        for i, o in enumerate(outs)
+    ]
+    trained = [hidden] + [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+    grads = torch.autograd.grad(
+        sum((o.float() * p).sum() for o, p in zip(outs, probes, strict=True)), trained
+    )
+    return [o.detach() for o in outs] + list(grads)
+
+
+def test_stacked_projections_at_20b_shapes_are_as_accurate_as_the_separate_calls() -> None:
+    layers = qkv_projections(torch.bfloat16)
+    hidden = torch.randn(
+        1, LENGTH, 2880, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE
+    )
+    hidden = hidden.bfloat16().requires_grad_(True)
+    assert StackedProjections.can_run(layers)
+    truth_layers = [copy.deepcopy(layer).float() for layer in layers]
+    truth = projections_and_grads(
+        separate_projections, truth_layers, hidden.detach().float().requires_grad_(True), torch.float32
+    )
+    eager = projections_and_grads(separate_projections, layers, hidden, torch.bfloat16)
+    actual = projections_and_grads(StackedProjections(), layers, hidden, torch.bfloat16)
+    names = ["query", "key", "value", "hidden"] + [f"{p}.{f}" for p in "qkv" for f in ("A", "B")]
+    for name, got, baseline, want in zip(names, actual, eager, truth, strict=True):
+        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 - `attention.FlexAttention`: FlexAttention with sinks, sliding windows and packed documents.
 - `moe.GroupedExperts`: grouped-GEMM experts with the LoRA on the low-rank side, fused epilogues.
+- `projections.StackedProjections`: the query, key and value projections with their LoRAs as one
+  GEMM each way.
 - `loss.FusedLinearCrossEntropy`: chunked linear cross-entropy that computes the hidden gradient
   in forward (two lm_head GEMMs per trained token instead of three).
 - `memory.plan_activation_checkpointing`: checkpoint only the layers the memory budget needs.
@@ -22,6 +24,7 @@ from gptoss_tune.kernels.attention import FlexAttention
 from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
 from gptoss_tune.kernels.memory import plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
+from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import GptOss, NormFn, RotaryFn, rms_norm, rotate_query_key
 from gptoss_tune.model.mxfp4 import compiled_dequantize_experts
 
@@ -30,6 +33,7 @@ __all__ = [
     "FlexAttention",
     "FusedLinearCrossEntropy",
     "GroupedExperts",
+    "StackedProjections",
     "compile_mxfp4_dequantization",
     "enable_fast_paths",
     "plan_activation_checkpointing",
@@ -45,9 +49,10 @@ class FastPaths:
     loss: FusedLinearCrossEntropy | None
     norm: NormFn | None = None
     rotary: RotaryFn | None = None
+    projections: StackedProjections | None = None
 
     def install(self, model: GptOss) -> None:
-        model.set_kernels(self.attention, self.experts, self.loss, self.norm, self.rotary)
+        model.set_kernels(self.attention, self.experts, self.loss, self.norm, self.rotary, self.projections)
 
     def describe(self) -> str:
         parts = []
@@ -57,6 +62,8 @@ class FastPaths:
             parts.append(
                 "grouped experts" + (" (Triton or compiled epilogues)" if self.experts.compiled else "")
             )
+        if self.projections is not None:
+            parts.append("stacked q/k/v projections")
         if self.loss is not None:
             parts.append(f"fused linear cross-entropy ({self.loss.chunk_tokens}-token chunks)")
         if self.norm is not None or self.rotary is not None:
@@ -69,11 +76,12 @@ def enable_fast_paths(
     *,
     attention: bool = True,
     experts: bool = True,
+    projections: bool = True,
     loss: bool = True,
     compile: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> FastPaths:
-    """Swap the model's attention, experts and loss for the fast paths (shapes they cannot take
+    """Swap the model's attention, experts, q/k/v projections and loss for the fast paths (shapes they cannot take
     still go through the eager reference). `compile` applies torch.compile where it pays: the
     FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk, the norms
     and the rotary embedding."""
@@ -86,6 +94,7 @@ def enable_fast_paths(
         # runtime index divisions made it ~10x slower than its memory traffic.
         norm=torch.compile(rms_norm) if compile else None,
         rotary=torch.compile(rotate_query_key) if compile else None,
+        projections=StackedProjections() if projections else None,
     )
     installed.install(model)
     if compile:

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -126,6 +126,18 @@ def eager_attention(
     probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1, dtype=torch.float32)
     probs = probs[..., :-1].to(value.dtype)
     return torch.matmul(probs, value.unsqueeze(2)).view(batch, num_heads, length, head_dim)
+
+
+class ProjectionsFn(Protocol):
+    def __call__(self, projections: Sequence[nn.Linear], hidden: Tensor) -> list[Tensor]:
+        """Each of `projections` (nn.Linear or LoRA-wrapped ones: the query, key and value
+        projections together, or the output projection alone) applied to hidden [B, T, in] ->
+        [[B, T, out_i]]."""
+        ...
+
+
+def separate_projections(projections: Sequence[nn.Linear], hidden: Tensor) -> list[Tensor]:
+    return [projection(hidden) for projection in projections]
 
 
 class LossFn(Protocol):
@@ -278,6 +290,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
         self.attention_fn: AttentionFn = eager_attention
         self.rotary_fn: RotaryFn = rotate_query_key
+        self.projections_fn: ProjectionsFn = separate_projections
 
     def _heads(self, projected: Tensor) -> Tensor:
         """[B, T, H * D] -> [B, T, H, D] (a view)."""
@@ -286,10 +299,11 @@ class Attention(nn.Module):
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
         batch, length, _ = hidden.shape
-        query, key = self.rotary_fn(
-            self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), cos, sin
+        query, key, value = (
+            self._heads(projected)
+            for projected in self.projections_fn((self.q_proj, self.k_proj, self.v_proj), hidden)
         )
-        value = self._heads(self.v_proj(hidden))
+        query, key = self.rotary_fn(query, key, cos, sin)
         # [B, H, T, D] views of the token-major tensors: the attention functions take any strides
         attended = self.attention_fn(
             query.transpose(1, 2),
@@ -300,7 +314,8 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             documents=documents,
         )
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        (out,) = self.projections_fn((self.o_proj,), attended.transpose(1, 2).reshape(batch, length, -1))
+        return out
 
 
 class Router(nn.Module):
@@ -516,12 +531,15 @@ class GptOss(nn.Module):
         loss: LossFn | None = None,
         norm: NormFn | None = None,
         rotary: RotaryFn | None = None,
+        projections: ProjectionsFn | None = None,
     ) -> None:
-        """Swap the attention, expert, norm and / or rotary computation of every layer, and / or the
-        loss (e.g. for GPU kernels); None keeps the current one."""
+        """Swap the attention, expert, norm, rotary and / or q/k/v projection computation of every
+        layer, and / or the loss (e.g. for GPU kernels); None keeps the current one."""
         for layer in self.model.layers:
             if attention is not None:
                 layer.self_attn.attention_fn = attention
+            if projections is not None:
+                layer.self_attn.projections_fn = projections
             if rotary is not None:
                 layer.self_attn.rotary_fn = rotary
             if experts is not None:

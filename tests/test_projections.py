@@ -1,0 +1,123 @@
+"""The stacked q/k/v projections (`kernels.projections`) against the separate nn.Linear / LoraLinear
+calls they replace: outputs and every gradient, in fp32 and under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gptoss_tune.kernels.projections import StackedProjections
+from gptoss_tune.model.gpt_oss import separate_projections
+from gptoss_tune.model.lora import LoraLinear
+
+IN, OUTS = 48, (64, 16, 16)  # gpt-oss's proportions: a wide query, narrow key and value
+
+
+def projections(
+    adapted: tuple[bool, ...], rank: int = 4, bias: bool = True, seed: int = 0
+) -> list[nn.Linear]:
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for index, (out, with_lora) in enumerate(zip(OUTS, adapted, strict=True)):
+        base = nn.Linear(IN, out, bias=bias)
+        with torch.no_grad():
+            base.weight.copy_(0.2 * torch.randn(base.weight.shape, generator=generator))
+            if bias:
+                base.bias.copy_(torch.randn(out, generator=generator))
+        base.requires_grad_(False)
+        if with_lora:
+            # different ranks and scalings per projection (1.5: not a power of two)
+            layer = LoraLinear(
+                base, rank + index, scaling=(2.0, 1.5, 0.5)[index], dropout=0.0, generator=generator
+            )
+            with torch.no_grad():
+                layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=generator))
+            base = layer
+        layers.append(base)
+    return layers
+
+
+def outputs_and_grads(fn, layers, hidden, probes):
+    outs = fn(layers, hidden)
+    trained = [hidden] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    loss = sum((out.float() * probe).sum() for out, probe in zip(outs, probes, strict=True))
+    return [o.detach() for o in outs], torch.autograd.grad(loss, trained)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def inputs(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 37, IN, generator=generator, requires_grad=True)
+    probes = [torch.randn(2, 37, out, generator=generator) for out in OUTS]
+    return hidden, probes
+
+
+@pytest.mark.parametrize(
+    "adapted,bias",
+    [
+        ((True, True, True), True),
+        ((True, False, True), True),
+        ((False, False, False), True),
+        ((True, True, True), False),
+    ],
+    ids=["all", "query-and-value", "none", "no-bias"],
+)
+def test_stacked_projections_match_the_separate_calls_in_fp32(adapted, bias) -> None:
+    layers = projections(adapted, bias=bias)
+    hidden, probes = inputs()
+    check_against_separate_calls(layers, hidden, probes)
+
+
+def test_one_projection_alone_matches_its_call() -> None:  # the output projection
+    hidden, probes = inputs()
+    check_against_separate_calls(projections((True, False, False))[:1], hidden, probes[:1])
+
+
+def check_against_separate_calls(layers, hidden, probes) -> None:
+    stacked = StackedProjections()
+    assert stacked.can_run(layers)
+    expected_outs, expected_grads = outputs_and_grads(separate_projections, layers, hidden, probes)
+    actual_outs, actual_grads = outputs_and_grads(stacked, layers, hidden, probes)
+    for actual, expected in zip(
+        actual_outs + list(actual_grads), expected_outs + list(expected_grads), strict=True
+    ):
+        assert actual.shape == expected.shape
+        assert relative_error(actual, expected) <= 1e-5
+
+
+def test_stacked_projections_in_bf16_are_as_accurate_as_the_separate_calls() -> None:
+    layers = projections((True, True, True))
+    hidden, probes = inputs(seed=2)
+    truth_outs, truth_grads = outputs_and_grads(separate_projections, layers, hidden, probes)
+    results = {}
+    for name, fn in (("separate", separate_projections), ("stacked", StackedProjections())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs, grads = outputs_and_grads(fn, layers, hidden, probes)
+        assert all(out.dtype == torch.bfloat16 for out in outs)
+        results[name] = [
+            relative_error(a, b)
+            for a, b in zip(outs + list(grads), truth_outs + list(truth_grads), strict=True)
+        ]
+    for separate_error, stacked_error in zip(results["separate"], results["stacked"], strict=True):
+        assert stacked_error <= 2 * separate_error + 1e-3  # bf16 rounding, never a wrong term (~1)
+
+
+def test_stacked_projections_leave_dropout_and_trainable_bases_to_the_separate_calls() -> None:
+    hidden, _ = inputs()
+    with_dropout = projections((True, True, True))
+    with_dropout[1].lora_dropout = nn.Dropout(0.1)
+    trainable = projections((True, False, False))
+    trainable[2].weight.requires_grad_(True)
+    stacked = StackedProjections()
+    for layers in (with_dropout, trainable):
+        assert not stacked.can_run(layers)
+    with_dropout[1].eval()
+    for got, want in zip(
+        stacked(with_dropout, hidden), separate_projections(with_dropout, hidden), strict=True
+    ):
+        assert torch.equal(got, want)
