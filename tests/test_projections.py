@@ -121,3 +121,11 @@ def test_stacked_projections_leave_dropout_and_trainable_bases_to_the_separate_c
         stacked(with_dropout, hidden), separate_projections(with_dropout, hidden), strict=True
     ):
         assert torch.equal(got, want)
+
+
+def test_narrow_outputs_do_not_keep_the_stacked_output_alive() -> None:
+    hidden, _ = inputs()
+    query, key, value = StackedProjections()(projections((True, True, True)), hidden)
+    for narrow in (key, value):  # attention saves the value: it must not pin the [N, sum out] buffer
+        assert narrow.untyped_storage().nbytes() == narrow.numel() * narrow.element_size()
+    assert query.shape[-1] == OUTS[0]
