@@ -2,7 +2,8 @@
 # One x4 call after a speed change, everything the benchmarks page reports for one H200, about
 # 8 minutes:
 #   GPU 0: tests/gpu; per-component timings of one 20b layer at 16k tokens with the experts' kernel
-#          table (bench --components --profile); the kernel table of whole 2-layer steps
+#          table (bench --components --profile); the kernel table of a whole 24-layer step (also by
+#          input shape); the 24-layer step with and without the optimizer (scripts/gpu/depth.py)
 #   GPU 1: full-depth ours vs stock vs cookbook at 16k tokens per micro-batch within a 60 GiB budget
 #   GPU 2, 3: the 200-step loss curves, fast paths vs eager reference (scripts/gpu/loss_curve.sh);
 #          then the 4-layer ours vs stock vs cookbook (GPU 2; the padded recipes compile once per
@@ -19,7 +20,9 @@ left() { echo $(( deadline - $(date +%s) )); }
   echo "tests rc=$?" >> "$W/gpu-tests.log"
   timeout 200 python3 -m gptoss_tune bench --preset 20b --layers 2 --recipes ours --tokens-per-batch 16384 \
     --steps 2 --warmup 1 --components --profile --output "$W/comp" --record --record-file "$W/rec-comp.md" > "$W/comp.log" 2>&1
-  timeout "$(left)" python3 scripts/gpu/profile_step.py 2 16384 "$W/profile-step.txt" > "$W/step.log" 2>&1
+  timeout "$(left)" python3 scripts/gpu/profile_step.py 24 16384 "$W/profile-step.txt" > "$W/step.log" 2>&1
+  cp "$W/profile-step.txt.shapes" "$W/profile-step-shapes.txt"
+  timeout "$(left)" python3 scripts/gpu/depth.py 24 16384 mt > "$W/depth.log" 2>&1
 ) &
 CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python3 -m gptoss_tune bench --preset 20b --tokens-per-batch 16384 \
   --steps 3 --warmup 2 --output "$W/side" --record --record-file "$W/rec-side.md" > "$W/side.log" 2>&1 &
@@ -39,7 +42,7 @@ CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python3 -m gptoss_tune bench --preset 2
 ) &
 wait
 echo "== tests/gpu"; tail -n 6 "$W/gpu-tests.log"
-echo "== step profile"; grep "per forward" "$W/step.log"
+echo "== step profile"; grep "per forward" "$W/step.log"; grep -E "per (step|forward)|peak" "$W/depth.log"
 for run in comp four side roomy b60-mxfp4; do echo "== $run"; grep -E "^\| |OOM|Error" "$W/$run.log" | head -n 30; done
 echo "== loss curve"; tail -n 12 "$W/loss-curve.log"
 finish
