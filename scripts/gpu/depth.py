@@ -1,6 +1,6 @@
 """Where a 24-layer step's time goes beyond the sum of its parts: forward + backward alone, then with
-the optimizer (clip, fused AdamW, the loss read back as the bench does), then per-layer forward GPU
-time and each layer's routing balance (largest expert's rows over the mean).
+the optimizer (clip, fused AdamW, the loss read back as the bench does), the stacked q/k/v/o
+projections against the separate calls on the same batch, then per-layer forward GPU time and each layer's routing balance (largest expert's rows over the mean).
 A design measurement: `python3 scripts/gpu/depth.py [layers] [tokens] [1024|mt]` (mt: one of the
 bench's Multilingual-Thinking-shaped micro-batches instead of 1024-token documents)."""
 
@@ -11,6 +11,8 @@ import torch
 from step_model import StepModel
 
 from gptoss_tune.bench.data import bench_data
+from gptoss_tune.kernels import StackedProjections
+from gptoss_tune.model.gpt_oss import separate_projections
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 24
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 16384
@@ -39,6 +41,10 @@ def train_step() -> None:
 
 
 print(f"with clip + fused AdamW + loss read back: {run.milliseconds(train_step, warmup=2):.1f} ms per step")
+run.model.set_kernels(projections=separate_projections)  # the reference, for the same batch
+print(f"separate projection calls: {run.milliseconds():.1f} ms per forward + backward")
+run.model.set_kernels(projections=StackedProjections())
+print(f"stacked projections again: {run.milliseconds():.1f} ms per forward + backward")
 
 balance: dict[int, float] = {}
 forward_ms: dict[int, list[float]] = {}

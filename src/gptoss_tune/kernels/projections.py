@@ -1,18 +1,20 @@
-"""The query, key and value projections and their LoRAs as one GEMM forward and one backward (and
-the output projection with its LoRA, alone, the same way).
+"""The query, key and value projections and their LoRAs with one base GEMM forward and one backward
+(and the output projection with its LoRA, alone, the same way).
 
-The reference is `gptoss_tune.model.gpt_oss.separate_projections`: three nn.Linear (or
-`LoraLinear`) calls, each `x W^T + b + s (x A^T) B^T`. Separately that is three base GEMMs (the
-key and value ones thin and slow), three low-rank ones, three accumulating adds of the LoRA term
-over the whole output, and in backward three input-gradient GEMMs whose results autograd adds up
-([N, in] each) before the norm sees them. Here, with R the adapters' ranks together:
+The reference is `gptoss_tune.model.gpt_oss.separate_projections`: one nn.Linear (or `LoraLinear`)
+call per projection, each `x W^T + b + s (x A^T) B^T`. Separately, q/k/v are three base GEMMs (the
+key and value ones thin), three x A^T GEMMs and three adds of the LoRA term over the output; in
+backward, three input-gradient GEMMs and as many low-rank ones, whose [N, in] results autograd
+adds up one by one. Here, with A_all the adapters' A stacked (R rows):
 
-    [x, x A_all^T] @ [[W_q, s_q B_q, 0, 0], [W_k, 0, s_k B_k, 0], [W_v, 0, 0, s_v B_v]]^T + b
+- forward: x [W_q; W_k; W_v; A_all]^T + [b; 0] is one GEMM that also yields x A_all^T (its last
+  R columns); each adapter's s (x A^T) B^T is then added in place to its outputs, as one GEMM
+  against the block-diagonal [s B].
+- backward: dL/dx = g W + (g [s B]) A_all: one GEMM, a thin one, and one accumulating GEMM into the
+  same [N, in] buffer; the adapters' gradients from the thin products.
 
-is one GEMM with K = in + R (the LoRA terms are added in its fp32 accumulator, rounded once), and
-backward is one GEMM for dL/d[x, x A_all^T], plus thin ones for the adapters. The stacked weight is
-rebuilt each way (a ~30 MB copy for gpt-oss-20b) rather than kept, and the base weights must be
-frozen (their gradient is never computed); otherwise the separate calls run.
+The stacked weights are rebuilt each way (a ~30 MB copy for gpt-oss-20b) rather than kept, and the
+base weights must be frozen (their gradient is never computed); otherwise the separate calls run.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from torch import Tensor, nn
 from gptoss_tune.model.gpt_oss import separate_projections
 from gptoss_tune.model.lora import LoraLinear
 
-RANK_MULTIPLE = 8  # R padded with zero rows of A so that [x, x A^T] rows stay 16-byte aligned
+RANK_MULTIPLE = 8  # R padded with zero rows of A so that the [N, out + R] rows stay 16-byte aligned
 
 
 @dataclass(frozen=True)
 class _Stack:
-    """Where each projection's rows (outputs) and adapter columns sit in the stacked weight."""
+    """Where each projection's outputs and adapter rank sit in the stacked tensors."""
 
-    in_features: int
     out_features: tuple[int, ...]
     ranks: tuple[int, ...]  # 0: no adapter
     scalings: tuple[float, ...]
+
+    @property
+    def total_out(self) -> int:
+        return sum(self.out_features)
 
     @property
     def padded_rank(self) -> int:
@@ -48,26 +53,30 @@ class _Stack:
     def rank_slices(self) -> list[slice]:
         return _slices(self.ranks)
 
-    def low_rank_factor(self, lora_as: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-        """A_all [R', in]: every adapter's A stacked, zero rows up to the padded rank."""
-        stacked = torch.cat([a.to(dtype) for a in lora_as])
-        padding = self.padded_rank - stacked.shape[0]
-        return torch.cat([stacked, stacked.new_zeros(padding, self.in_features)]) if padding else stacked
+    def base_and_low_rank_weight(self, weights: Sequence[Tensor], lora_as: Sequence[Tensor], dtype) -> Tensor:
+        """[W_1; ...; W_n; A_all; 0] [sum out + R', in]."""
+        parts = [w.to(dtype) for w in weights] + [a.to(dtype) for a in lora_as]
+        padding = self.padded_rank - sum(self.ranks)
+        if padding:
+            parts.append(parts[0].new_zeros(padding, parts[0].shape[1]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def weight(self, weights: Sequence[Tensor], lora_bs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-        """The stacked [sum out, in + R'] weight: base rows, each adapter's s B on its own columns
-        (block-diagonal). Two concatenations: element-wise slice copies cost ~10x more here."""
-        base = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
-        if not self.padded_rank:
-            return base
-        lora_bs = iter(lora_bs)
+    def low_rank_outputs(self, lora_bs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        """The block-diagonal [s_1 B_1, ..., s_n B_n] [sum out, R'] (zero blocks without adapter)."""
+        device, factors = lora_bs[0].device, iter(lora_bs)
         blocks = [
-            (next(lora_bs).to(torch.float32) * scaling).to(dtype) if rank else base.new_zeros(out, 0)
+            (next(factors).float() * scaling).to(dtype)
+            if rank
+            else torch.zeros(out, 0, dtype=dtype, device=device)
             for out, rank, scaling in zip(self.out_features, self.ranks, self.scalings, strict=True)
         ]
-        low_rank = torch.block_diag(*blocks)  # [sum out, R]
-        padding = base.new_zeros(base.shape[0], self.padded_rank - low_rank.shape[1])
-        return torch.cat([base, low_rank, padding], dim=1)
+        diagonal = torch.block_diag(*blocks)
+        padding = self.padded_rank - diagonal.shape[1]
+        return (
+            torch.cat([diagonal, diagonal.new_zeros(diagonal.shape[0], padding)], dim=1)
+            if padding
+            else diagonal
+        )
 
 
 def _slices(sizes: Sequence[int]) -> list[slice]:
@@ -85,21 +94,20 @@ class _StackedLinear(torch.autograd.Function):
     def forward(ctx, x, stack: _Stack, count: int, *tensors):
         weights, biases = tensors[:count], tensors[count : 2 * count]
         lora_as, lora_bs = tensors[2 * count :: 2], tensors[2 * count + 1 :: 2]
-        dtype = x.dtype
-        bias = torch.cat([b.to(dtype) for b in biases]) if biases[0] is not None else None
-        if lora_as:
-            lora_a = stack.low_rank_factor(lora_as, dtype)
-            low_rank = x @ lora_a.t()  # [N, R']
-            x_and_low_rank = torch.cat([x, low_rank], dim=1)
+        dtype, total = x.dtype, stack.total_out
+        weight = stack.base_and_low_rank_weight(weights, lora_as, dtype)
+        if biases[0] is not None:
+            bias = [b.to(dtype) for b in biases] + [x.new_zeros(stack.padded_rank)]
+            out = torch.addmm(torch.cat(bias), x, weight.t())
         else:
-            low_rank = x_and_low_rank = x
-        weight = stack.weight([w.to(dtype) for w in weights], lora_bs, dtype)
-        out = (
-            torch.addmm(bias, x_and_low_rank, weight.t()) if bias is not None else x_and_low_rank @ weight.t()
-        )
-        ctx.stack, ctx.count, ctx.has_lora = stack, count, bool(lora_as)
+            out = x @ weight.t()
+        low_rank = None
+        if lora_as:
+            low_rank = out[:, total:].contiguous()  # x A_all^T [N, R'], rounded like F.linear's
+            out[:, :total].addmm_(low_rank, stack.low_rank_outputs(lora_bs, dtype).t())
+        ctx.stack, ctx.count = stack, count
         ctx.save_for_backward(x, low_rank, *weights, *lora_as, *lora_bs)
-        return out
+        return out[:, :total] if lora_as else out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -108,15 +116,14 @@ class _StackedLinear(torch.autograd.Function):
         weights, factors = rest[:count], rest[count:]
         lora_as, lora_bs = factors[: len(factors) // 2], factors[len(factors) // 2 :]
         dtype, grad_out = x.dtype, grad_out.contiguous()
-        weight = stack.weight([w.to(dtype) for w in weights], lora_bs, dtype)
-        grad_stacked = grad_out @ weight  # dL/d[x, x A_all^T]
+        base = torch.cat([w.to(dtype) for w in weights]) if count > 1 else weights[0].to(dtype)
+        grad_x = grad_out @ base
         no_grads = [None] * (2 * count)
-        if not ctx.has_lora:
-            return grad_stacked, None, None, *no_grads
-        grad_low_rank = grad_stacked[:, stack.in_features :]  # [N, R']: s_i (dL/d out_i) B_i
-        grad_x = torch.addmm(
-            grad_stacked[:, : stack.in_features], grad_low_rank, stack.low_rank_factor(lora_as, dtype)
-        )
+        if not lora_as:
+            return grad_x, None, None, *no_grads
+        grad_low_rank = grad_out @ stack.low_rank_outputs(lora_bs, dtype)  # [N, R']: s_i g_i B_i
+        lora_a = stack.base_and_low_rank_weight([], lora_as, dtype)
+        grad_x.addmm_(grad_low_rank, lora_a)
         grad_lora_a_all = grad_low_rank.t() @ x  # [R', in]
         lora_grads = []
         for rows, columns, rank, scaling in zip(
@@ -124,15 +131,15 @@ class _StackedLinear(torch.autograd.Function):
         ):
             if not rank:
                 continue
-            lora_a, lora_b = lora_as[len(lora_grads) // 2], lora_bs[len(lora_grads) // 2]
-            grad_a = grad_lora_a_all[columns]
+            index = len(lora_grads) // 2
             grad_b = (grad_out[:, rows].t() @ low_rank[:, columns]) * scaling
-            lora_grads += [grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)]
+            lora_grads += [grad_lora_a_all[columns].to(lora_as[index].dtype), grad_b.to(lora_bs[index].dtype)]
         return grad_x, None, None, *no_grads, *lora_grads
 
 
 class StackedProjections:
-    """A `ProjectionsFn` (see `gptoss_tune.model.gpt_oss`): the projections as one GEMM each way.
+    """A `ProjectionsFn` (see `gptoss_tune.model.gpt_oss`): the projections with one base GEMM each
+    way.
 
     Runs when every projection is an nn.Linear or a `LoraLinear` without dropout, on one input
     size, with frozen base weights and biases (all with a bias or none); otherwise the separate
@@ -163,7 +170,6 @@ class StackedProjections:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         adapted = [p for p in projections if isinstance(p, LoraLinear)]
         stack = _Stack(
-            projections[0].in_features,
             tuple(p.out_features for p in projections),
             tuple(p.lora_A.shape[0] if isinstance(p, LoraLinear) else 0 for p in projections),
             tuple(p.scaling if isinstance(p, LoraLinear) else 0.0 for p in projections),
@@ -177,9 +183,8 @@ class StackedProjections:
                 *(p.bias for p in projections),
                 *(t for p in adapted for t in (p.lora_A, p.lora_B)),
             )
-        out = out.view(*hidden.shape[:-1], out.shape[-1])
-        parts = out.split(stack.out_features, dim=-1)
+        parts = out.view(*hidden.shape[:-1], out.shape[-1]).split(stack.out_features, dim=-1)
         # The narrow parts (key, value) are copied: attention keeps the value for backward, and a
-        # view of it would keep the whole [N, sum out] output alive with it.
+        # view of it would keep the whole [N, sum out + R] output alive with it.
         widest = max(stack.out_features)
         return [part if part.shape[-1] == widest else part.contiguous() for part in parts]
