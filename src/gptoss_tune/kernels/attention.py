@@ -208,7 +208,10 @@ def attend_with_sinks(
     """query [B, Hq, T, D], key/value [B, Hkv, T, D], sinks [Hq] -> [B, Hq, T, D]."""
     out, lse = _flex_with_lse(query, key, value, block_mask, scaling, kernel_options)
     keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # share of the mass left to the keys
-    return (out.float() * keep.unsqueeze(-1)).to(value.dtype)
+    scaled = (out.float() * keep.unsqueeze(-1)).to(value.dtype)
+    # Written token-major ([B, T, H, D] in memory; compiled, the scaling kernel writes it so): the
+    # output projection then reads [B, T, H * D] as a view instead of a transposing copy.
+    return scaled.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class FlexAttention:
