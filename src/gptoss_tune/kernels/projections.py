@@ -53,13 +53,11 @@ class _Stack:
     def rank_slices(self) -> list[slice]:
         return _slices(self.ranks)
 
-    def base_and_low_rank_weight(self, weights: Sequence[Tensor], lora_as: Sequence[Tensor], dtype) -> Tensor:
-        """[W_1; ...; W_n; A_all; 0] [sum out + R', in]."""
-        parts = [w.to(dtype) for w in weights] + [a.to(dtype) for a in lora_as]
+    def low_rank_input_rows(self, lora_as: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """The rows of A_all [R', in]: each adapter's A, then zero rows up to the padded rank."""
+        rows = [a.to(dtype) for a in lora_as]
         padding = self.padded_rank - sum(self.ranks)
-        if padding:
-            parts.append(parts[0].new_zeros(padding, parts[0].shape[1]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return rows + [rows[0].new_zeros(padding, rows[0].shape[1])] if padding else rows
 
     def low_rank_outputs(self, lora_bs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """The block-diagonal [s_1 B_1, ..., s_n B_n] [sum out, R'] (zero blocks without adapter)."""
@@ -95,7 +93,9 @@ class _StackedLinear(torch.autograd.Function):
         weights, biases = tensors[:count], tensors[count : 2 * count]
         lora_as, lora_bs = tensors[2 * count :: 2], tensors[2 * count + 1 :: 2]
         dtype, total = x.dtype, stack.total_out
-        weight = stack.base_and_low_rank_weight(weights, lora_as, dtype)
+        # [W_1; ...; W_n; A_all]: one GEMM gives the base outputs and x A_all^T side by side
+        rows = [w.to(dtype) for w in weights] + (stack.low_rank_input_rows(lora_as, dtype) if lora_as else [])
+        weight = torch.cat(rows) if len(rows) > 1 else rows[0]
         if biases[0] is not None:
             bias = [b.to(dtype) for b in biases] + [x.new_zeros(stack.padded_rank)]
             out = torch.addmm(torch.cat(bias), x, weight.t())
@@ -122,8 +122,7 @@ class _StackedLinear(torch.autograd.Function):
         if not lora_as:
             return grad_x, None, None, *no_grads
         grad_low_rank = grad_out @ stack.low_rank_outputs(lora_bs, dtype)  # [N, R']: s_i g_i B_i
-        lora_a = stack.base_and_low_rank_weight([], lora_as, dtype)
-        grad_x.addmm_(grad_low_rank, lora_a)
+        grad_x.addmm_(grad_low_rank, torch.cat(stack.low_rank_input_rows(lora_as, dtype)))
         grad_lora_a_all = grad_low_rank.t() @ x  # [R', in]
         lora_grads = []
         for rows, columns, rank, scaling in zip(
