@@ -196,14 +196,16 @@ def test_recipe_and_command_line_overrides(tmp_path):
         resolve_config(recipe, {})
 
 
-def train_one_and_two_processes(model, data, tmp_path, sharding: str) -> tuple[list, list]:
+def train_one_and_two_processes(
+    model, data, tmp_path, sharding: str, kernels: str = "auto"
+) -> tuple[list, list]:
     """Loss curves of 1 process x 2 accumulated micro-batches and 2 gloo processes x 1 (same global batch)."""
     # torchrun gives each worker one thread; the single process gets one too, so both compute with the
     # same BLAS blocking (otherwise rounding can flip a near-tie in the expert routing).
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     common = [sys.executable, "-m", "gptoss_tune", "train", "--model", str(model), "--data", str(data)]
     common += ["--tokens-per-batch", "128", "--lr", "5e-3", "--lora-rank", "4", "--lora-alpha", "8"]
-    common += ["--warmup-ratio", "0", "--max-steps", "3", "--device", "cpu"]
+    common += ["--warmup-ratio", "0", "--max-steps", "3", "--device", "cpu", "--kernels", kernels]
     runs = {
         "one": ["--grad-accum", "2"],
         "two": ["--gpus", "2", "--sharding", sharding],
@@ -226,6 +228,13 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, short_chats, tmp_p
     first, second = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fast_paths_train_the_same_sharded_over_two_processes(tiny_model_dir, short_chats, tmp_path):
+    """The fast paths' hand-written backwards (stacked projections, grouped experts) save the frozen
+    weights for backward; FSDP2 frees and re-gathers them in between. Same losses as one process."""
+    one, two = train_one_and_two_processes(tiny_model_dir, short_chats, tmp_path, "fsdp", kernels="fast")
+    assert one == pytest.approx(two, rel=1e-5)
 
 
 def test_fsdp_ranks_draw_the_same_random_on_load_model(short_chats, tmp_path):
