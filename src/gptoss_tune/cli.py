@@ -321,8 +321,8 @@ def train(
     kernels: Annotated[
         str,
         typer.Option(
-            help="auto: GPU fast paths (flex attention, grouped-GEMM experts, fused loss) on CUDA, eager on CPU; "
-            "fast; eager."
+            help="auto: GPU fast paths (flex attention, grouped-GEMM experts, stacked q/k/v projections, fused "
+            "loss) on CUDA, eager on CPU; fast: the fast paths on any device; eager: the reference code."
         ),
     ] = "auto",
     gpus: Annotated[
