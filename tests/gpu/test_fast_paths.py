@@ -124,6 +124,7 @@ def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) 
     eager, eager_grads = attention_and_grads(eager_attention, inputs, window)
     truth, truth_grads = attention_and_grads(eager_attention, as_fp32_leaves(inputs, 3), window)
     assert actual.dtype == dtype
+    assert actual.transpose(1, 2).is_contiguous()  # token-major: o_proj reads it without a copy
     assert_as_accurate("output", actual, eager, truth, dtype)
     for name, got, baseline, want in zip(
         ("query", "key", "value"), actual_grads, eager_grads, truth_grads, strict=True
