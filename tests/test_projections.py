@@ -10,6 +10,7 @@ from torch import nn
 from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import separate_projections
 from gptoss_tune.model.lora import LoraLinear
+from test_kernels import relative_error
 
 IN, OUTS = 48, (64, 16, 16)  # gpt-oss's proportions: a wide query, narrow key and value
 
@@ -43,11 +44,6 @@ def outputs_and_grads(fn, layers, hidden, probes):
     trained = [hidden] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
     loss = sum((out.float() * probe).sum() for out, probe in zip(outs, probes, strict=True))
     return [o.detach() for o in outs], torch.autograd.grad(loss, trained)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def inputs(seed: int = 1):

@@ -3,6 +3,7 @@ the weights stored [E, in, out] (our layout, transformers') or [E, out, in], bal
 routing: which layout each GEMM wants. A design measurement: `python3 scripts/gpu/gemm_layouts.py`."""
 
 import torch
+from step_model import cuda_milliseconds
 
 from gptoss_tune.kernels.moe import grouped_mm
 
@@ -15,19 +16,6 @@ def offsets_for(weights: torch.Tensor) -> torch.Tensor:
     counts = (counts // 8) * 8  # grouped_mm wants no alignment here, but keep sizes comparable
     counts[-1] += ROWS - counts.sum()
     return torch.cumsum(counts, 0).to(torch.int32).cuda()
-
-
-def timed(fn, *args, repeats=20) -> float:
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 routings = {
@@ -52,9 +40,9 @@ for case, (width, shape) in cases.items():
     nk = kn.transpose(-2, -1).contiguous().transpose(-2, -1)
     flop = 2 * ROWS * shape[1] * shape[2]
     for routing, offsets in routings.items():
-        a = timed(grouped_mm, rows, kn, offsets)
-        b = timed(grouped_mm, rows, nk, offsets)
+        a = cuda_milliseconds(grouped_mm, rows, kn, offsets)
+        b = cuda_milliseconds(grouped_mm, rows, nk, offsets)
         print(f"{case:16s} {routing:9s} {a:10.3f} {flop / a / 1e9:8.0f} {b:13.3f} {flop / b / 1e9:8.0f}")
     dense = torch.randn(shape[1], shape[2], device="cuda", dtype=torch.bfloat16)
-    d = timed(torch.matmul, rows, dense)
+    d = cuda_milliseconds(torch.matmul, rows, dense)
     print(f"{case:16s} {'dense mm':9s} {d:10.3f} {flop / d / 1e9:8.0f}")

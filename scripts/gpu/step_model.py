@@ -1,6 +1,6 @@
 """What the design scripts here share: a gpt-oss-20b-shaped model cut to `layers`, random bf16
 weights, LoRA r=8 on attention and experts, our fast paths, one packed micro-batch of 1024-token
-documents, and timing of whole forward + backward steps."""
+documents, and GPU timing (of whole forward + backward steps, or of any call)."""
 
 import torch
 
@@ -30,14 +30,18 @@ class StepModel:
 
     def milliseconds(self, step=None, warmup: int = 3, repeats: int = 3) -> float:
         """GPU time of `step` (default: forward + backward), after `warmup` untimed ones."""
-        step = step or self.step
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
+        return cuda_milliseconds(step or self.step, warmup=warmup, repeats=repeats)
+
+
+def cuda_milliseconds(fn, *args, warmup: int = 3, repeats: int = 20) -> float:
+    """Mean GPU time of fn(*args) over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats

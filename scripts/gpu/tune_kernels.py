@@ -6,6 +6,7 @@ import sys
 
 import torch
 import triton
+from step_model import cuda_milliseconds
 from torch.nn.attention.flex_attention import flex_attention
 
 from gptoss_tune.kernels import moe, moe_triton
@@ -13,19 +14,6 @@ from gptoss_tune.kernels.attention import FlexAttention
 from gptoss_tune.model.gpt_oss import document_ids
 
 ROWS, INNER, HIDDEN, EXPERTS, RANK = 65536, 2880, 2880, 32, 8
-
-
-def timed(fn, repeats=20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def epilogues() -> None:
@@ -57,7 +45,7 @@ def epilogues() -> None:
                 RANK=RANK, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs, num_warps=warps,
             )  # fmt: skip
 
-        ms = timed(run)
+        ms = cuda_milliseconds(run)
         print(f"  {block_rows:3d} {block_pairs:4d} {warps:2d} {ms:7.3f} {traffic_forward / ms / 1e6:7.0f}")
     print("activation backward: rows pairs warps ms GB/s")
     for block_rows, block_pairs, warps in [
@@ -72,7 +60,7 @@ def epilogues() -> None:
                 RANK=RANK, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs, num_warps=warps,
             )  # fmt: skip
 
-        ms = timed(run)
+        ms = cuda_milliseconds(run)
         print(f"  {block_rows:3d} {block_pairs:4d} {warps:2d} {ms:7.3f} {traffic_backward / ms / 1e6:7.0f}")
     rows = torch.randn(ROWS, HIDDEN, generator=g, device="cuda").bfloat16()
     out = torch.empty(ROWS // 4, HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -94,7 +82,7 @@ def epilogues() -> None:
                 num_warps=warps,
             )  # fmt: skip
 
-        ms = timed(run)
+        ms = cuda_milliseconds(run)
         print(f"  {block_tokens:3d} {block_cols:4d} {warps:2d} {ms:7.3f} {traffic_sum / ms / 1e6:7.0f}")
 
 
@@ -152,8 +140,8 @@ def attention() -> None:
                     out.backward(grad)
 
                 if window is None:
-                    row.append(timed(forward))
-                row.append(timed(both, repeats=10))
+                    row.append(cuda_milliseconds(forward))
+                row.append(cuda_milliseconds(both, repeats=10))
             out = compiled(query, key, value, sinks, masks.block_mask(documents, None), options)
             if reference is None:
                 reference = out.detach()

@@ -160,14 +160,9 @@ def kernel_options_for(query: Tensor) -> dict | None:
     FlexAttention takes fwd_ / bwd_ options); None (the defaults) elsewhere."""
     if not query.is_cuda or query.dtype != torch.bfloat16 or query.shape[-1] != 64:
         return None
-    if torch.cuda.get_device_capability(query.device) != (9, 0) or _torch_before(2, 11):
+    if torch.cuda.get_device_capability(query.device) != (9, 0) or torch.__version__ < "2.11":
         return None
     return SM90_HEAD_DIM_64_OPTIONS
-
-
-def _torch_before(major: int, minor: int) -> bool:
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return version < (major, minor)
 
 
 def _flex_with_lse(

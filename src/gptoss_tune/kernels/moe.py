@@ -30,8 +30,8 @@ act>), so neither the activation, nor the down output, nor the gathered rows are
 less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into fewer recomputed
 layers. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
 
-The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are elementwise
-"epilogues", compiled with torch.compile into one kernel each. No host synchronization: expert
+The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
+"epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere. No host synchronization: expert
 offsets come from a searchsorted on the sorted ids.
 
 Weights are read only through `Experts.gate_up_weight()` / `Experts.down_weight()`, so storage

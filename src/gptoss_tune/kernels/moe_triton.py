@@ -278,7 +278,7 @@ def down_epilogue(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Same contract as `gptoss_tune.kernels.moe.down_epilogue`."""
-    return _token_sum(base, inverse, top_k, (bias, experts, weights), addend, out_dtype or torch.float32)
+    return _token_sum(base, inverse, top_k, (bias, experts, weights), addend, out_dtype)
 
 
 def sum_slots(

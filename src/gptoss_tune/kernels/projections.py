@@ -107,7 +107,7 @@ class _StackedLinear(torch.autograd.Function):
             out[:, :total].addmm_(low_rank, stack.low_rank_outputs(lora_bs, dtype).t())
         ctx.stack, ctx.count = stack, count
         ctx.save_for_backward(x, low_rank, *weights, *lora_as, *lora_bs)
-        return out[:, :total] if lora_as else out
+        return out[:, :total]  # without adapters, the whole output
 
     @staticmethod
     def backward(ctx, grad_out):
