@@ -105,3 +105,26 @@ def test_recipes_resolve(tmp_path):
     for recipe in (ROOT / "recipes").glob("*.yaml"):
         resolved = resolve_config(recipe, {"output": str(tmp_path / "o")})
         assert resolved.model and resolved.data
+
+
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_worker_exit_keeps_output_and_exit_code(short_chats, tmp_path, under_torchrun):
+    """A torchrun worker leaves through os._exit (see end_worker_process): what it printed to a pipe is
+    flushed first, and the command's exit code (0, usage error, GptossTuneError) is the process's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if under_torchrun:
+        env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    cli = [sys.executable, "-m", "gptoss_tune"]
+    cases = {
+        0: ["inspect", str(short_chats), "--index", "3", "--plain"],
+        2: ["train", "--model", "m", "--data", str(tmp_path / "absent"), "--output", str(tmp_path / "o")],
+    }
+    for code, args in cases.items():
+        done = subprocess.run([*cli, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == code, done.stderr
+        if code == 0:
+            assert "Number 3?" in done.stdout and "Say 3." in done.stdout
+        else:
+            assert "error:" in done.stderr and "absent: no such file" in done.stderr
+    usage = subprocess.run([*cli, "train", "--no-such-option"], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "No such option" in usage.stderr

@@ -353,7 +353,7 @@ def train(
     from gptoss_tune.config import option_names, resolve_config
 
     resolved = resolve_config(config, _given_on_command_line(ctx, option_names()))
-    from gptoss_tune.train.dist import launched_by_torchrun
+    from gptoss_tune.train.launch import launched_by_torchrun
 
     if resolved.gpus > 1 and not launched_by_torchrun():
         from gptoss_tune.train.launch import launch_torchrun
@@ -831,15 +831,31 @@ def demo(
     )
 
 
-def main() -> None:
+def run_app() -> int:
+    """Run the command line; returns its exit code (2 for a GptossTuneError, whose message is printed)."""
     try:
         app()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        err_console.print(str(exc.code), highlight=False, soft_wrap=True)
+        return 1
     except GptossTuneError as exc:
         err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def main() -> None:
+    code = run_app()
+    from gptoss_tune.train.launch import end_worker_process, launched_by_torchrun
+
+    if launched_by_torchrun():
+        end_worker_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gptoss_tune.train.launch import launched_by_torchrun
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,10 +25,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device_type: str) -> DistInfo:

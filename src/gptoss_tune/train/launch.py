@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import NoReturn
 
 DEFAULT_PORT = "29500"
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def torchrun_command(nproc_per_node: int, args: list[str], env: dict[str, str] | None = None) -> list[str]:
@@ -41,3 +46,18 @@ def launch_torchrun(nproc_per_node: int, args: list[str] | None = None) -> int:
     command = torchrun_command(nproc_per_node, sys.argv[1:] if args is None else args)
     print("launching:", " ".join(command), flush=True)
     return subprocess.call(command)
+
+
+def end_worker_process(code: int) -> NoReturn:
+    """End a torchrun worker without Python's interpreter finalization.
+
+    A gloo worker thread drops its reference to a finished collective (and the collective's tensors) only
+    after the waiting thread has woken up. If that happens while Python finalizes, freeing a tensor needs the
+    GIL, the thread is ended inside a destructor and the C++ runtime aborts the process ("terminate called
+    without an active exception", see pytorch/pytorch#179291). destroy_process_group does not join those
+    threads while DTensor's caches keep FSDP's device mesh, and with it the process group, alive. Every output
+    is written and closed by now, so the worker flushes its streams and leaves.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -14,7 +14,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gptoss_tune.config import TrainConfig
-from gptoss_tune.train.dist import launched_by_torchrun
+from gptoss_tune.train.launch import launched_by_torchrun
 from gptoss_tune.train.loop import TrainResult, train
 
 
