@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -19,7 +21,7 @@ from gptoss_tune.train.loop import TrainResult, train
 
 
 def run_training(config: TrainConfig, console: Console) -> TrainResult:
-    quiet = launched_by_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0
+    quiet = launched_by_torchrun() and int(os.environ["RANK"]) != 0  # only rank 0 draws and summarizes
     columns = [
         TextColumn("[bold]train[/bold]"),
         BarColumn(),
