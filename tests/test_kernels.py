@@ -104,6 +104,19 @@ def test_tile_table_is_exact_for_full_tiles_and_never_misses_a_visible_pair(wind
         assert torch.equal((partial | full)[:, 0], any_visible)
 
 
+@pytest.mark.parametrize("window", [None, 1, 5, 128])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_mod_matches_the_eager_mask_on_every_pair(window, seed) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    rows = [packed_positions(random_packing(400, generator)) for _ in range(2)]
+    documents = document_ids(torch.cat(rows))
+    length = documents.shape[1]
+    mask_mod = mask_mod_for(documents, window)
+    batch = torch.arange(2).view(2, 1, 1)
+    visible = mask_mod(batch, None, torch.arange(length).view(1, -1, 1), torch.arange(length).view(1, 1, -1))
+    assert torch.equal(visible, attention_mask(documents, window).view(2, length, length))
+
+
 def test_tiles_to_kv_blocks_lists_selected_tiles_first_in_order() -> None:
     tiles = torch.tensor([[[[True, False, True, False], [False, False, False, False]]]])
     counts, indices = tiles_to_kv_blocks(tiles)

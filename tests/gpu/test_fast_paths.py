@@ -119,7 +119,7 @@ def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) 
     inputs = attention_inputs(dtype)
     assert flex.can_run(*inputs[:4])
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() == (9, 0):
-        assert kernel_options_for(inputs[0]) is not None  # the tuned tiles are the ones tested here
+        assert kernel_options_for(inputs[0], window) is not None  # the tuned tiles are the ones tested here
     actual, actual_grads = attention_and_grads(flex, inputs, window)
     eager, eager_grads = attention_and_grads(eager_attention, inputs, window)
     truth, truth_grads = attention_and_grads(eager_attention, as_fp32_leaves(inputs, 3), window)

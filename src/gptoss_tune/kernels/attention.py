@@ -8,7 +8,10 @@ The eager reference is `gptoss_tune.model.gpt_oss.eager_attention`. Here:
 - The block masks (which 128 x 128 tiles are empty, partial or full) are derived directly from the
   per-token document ids: documents are contiguous and numbered in order, so the first and last
   document of each tile decide. Nothing of size T x T is ever built, so 128k-token sequences cost
-  a (T / 128)^2 tile table and no more.
+  a (T / 128)^2 tile table and no more. Inside a partial tile the kernel evaluates the mask
+  function on every pair; it compares the key with one precomputed bound per query (the first key
+  the query may see: its document's start, or the window's), which is cheaper than looking up both
+  tokens' documents.
 - `FlexAttention` builds the masks of a micro-batch the first time a layer calls it with that
   micro-batch's `documents` tensor (the decoder computes it once per forward and hands the same
   tensor to every layer, also when a checkpointed layer is recomputed in backward) and reuses
@@ -40,14 +43,18 @@ BLOCK_SIZE = 128
 MIN_FLEX_LENGTH = 256
 
 # FlexAttention's tile sizes for gpt-oss's 64-wide bf16 heads on sm90 (H100 / H200), measured at
-# 16k tokens of 1024-token documents (scripts/gpu/tune_kernels.py attention): forward + backward
-# of a full-attention layer 2.87 -> ~2.37 ms against torch 2.11's defaults. Other GPUs, head sizes
-# and dtypes keep the defaults.
+# 16k tokens (scripts/gpu/tune_kernels.py attention, then scripts/gpu/attention_masks.py): a full-
+# attention layer on 1024-token documents went 2.87 -> ~2.34 ms forward + backward against torch
+# 2.11's defaults. The sliding-window layers meet only partial tiles, two per query tile, and do
+# better with one pipeline stage fewer in backward (1.64 -> ~1.55 ms). Other GPUs, head sizes and
+# dtypes keep the defaults. (Tiles of 64 would skip more of a 128-token window, but torch 2.11 then
+# finds no backward configuration on sm90: its default one has 128-wide blocks.)
 SM90_HEAD_DIM_64_OPTIONS = {
-    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
     "bwd_num_stages": 3, "bwd_num_warps": 4,
 }  # fmt: skip
+SM90_HEAD_DIM_64_SLIDING_OPTIONS = {**SM90_HEAD_DIM_64_OPTIONS, "bwd_num_stages": 2}
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -57,29 +64,34 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # ---------------------------------------------------------------------------------------------------
 
 
-def document_causal_mask_mod(documents: Tensor) -> MaskMod:
-    """Query q sees key k when k <= q and both belong to the same document."""
+def first_visible_keys(documents: Tensor, sliding_window: int | None) -> Tensor:
+    """[B, T] the lowest key index each query may see: its document's first token, or with a window
+    the later of that and the window's first key. Documents are contiguous, so with causality this
+    bound alone decides visibility (`lower_bound_mask_mod`)."""
+    length = documents.shape[1]
+    positions = torch.arange(length, device=documents.device)
+    starts_document = torch.ones_like(documents, dtype=torch.bool)
+    starts_document[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts_document, positions, 0).cummax(dim=1).values
+    if sliding_window is not None:
+        first = torch.maximum(first, positions - (sliding_window - 1))
+    return first
+
+
+def lower_bound_mask_mod(first_visible: Tensor) -> MaskMod:
+    """Query q sees key k when first_visible[q] <= k <= q: one load per query row and two
+    comparisons per pair (the kernel evaluates this on every pair of a partial tile)."""
 
     def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (kv_idx <= q_idx) & (documents[batch, q_idx] == documents[batch, kv_idx])
-
-    return mask_mod
-
-
-def document_sliding_mask_mod(documents: Tensor, window: int) -> MaskMod:
-    """As `document_causal_mask_mod`, and only the last `window` keys (the query itself included)."""
-
-    def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        same_document = documents[batch, q_idx] == documents[batch, kv_idx]
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & same_document
+        return (kv_idx <= q_idx) & (kv_idx >= first_visible[batch, q_idx])
 
     return mask_mod
 
 
 def mask_mod_for(documents: Tensor, sliding_window: int | None) -> MaskMod:
-    if sliding_window is None:
-        return document_causal_mask_mod(documents)
-    return document_sliding_mask_mod(documents, sliding_window)
+    """Same document, causal, and within the last `sliding_window` keys (the query itself
+    included) when a window is given."""
+    return lower_bound_mask_mod(first_visible_keys(documents, sliding_window))
 
 
 def tile_table(
@@ -155,14 +167,14 @@ def build_block_mask(
 # ---------------------------------------------------------------------------------------------------
 
 
-def kernel_options_for(query: Tensor) -> dict | None:
+def kernel_options_for(query: Tensor, sliding_window: int | None = None) -> dict | None:
     """Tuned tile sizes where they were measured (sm90, 64-wide bf16 heads, torch >= 2.11, whose
-    FlexAttention takes fwd_ / bwd_ options); None (the defaults) elsewhere."""
+    FlexAttention takes fwd_ / bwd_ options), per layer type; None (the defaults) elsewhere."""
     if not query.is_cuda or query.dtype != torch.bfloat16 or query.shape[-1] != 64:
         return None
     if torch.cuda.get_device_capability(query.device) != (9, 0) or torch.__version__ < "2.11":
         return None
-    return SM90_HEAD_DIM_64_OPTIONS
+    return SM90_HEAD_DIM_64_OPTIONS if sliding_window is None else SM90_HEAD_DIM_64_SLIDING_OPTIONS
 
 
 def _flex_with_lse(
@@ -272,5 +284,5 @@ class FlexAttention:
             F.pad(t.to(dtype), (0, 0, 0, padding)) if padding else t.to(dtype) for t in (query, key, value)
         )
         attend = self._compiled if self._compiled is not None and query.is_cuda else attend_with_sinks
-        out = attend(query, key, value, sinks, block_mask, scaling, kernel_options_for(query))
+        out = attend(query, key, value, sinks, block_mask, scaling, kernel_options_for(query, sliding_window))
         return out[:, :, :length] if padding else out
