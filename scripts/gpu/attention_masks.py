@@ -7,7 +7,7 @@ per query row and makes two. The sliding layers meet only partial tiles.
 A design measurement: `python3 scripts/gpu/attention_masks.py`."""
 
 import torch
-from step_model import cuda_milliseconds
+from step_model import attention_inputs, cuda_milliseconds
 from torch.nn.attention.flex_attention import BlockMask
 
 from gptoss_tune.kernels.attention import (
@@ -64,14 +64,7 @@ def documents_of(lengths: list[int]) -> torch.Tensor:
 
 
 def main() -> None:
-    g = torch.Generator("cuda").manual_seed(0)
-    query = torch.randn(1, HEADS, TOKENS, DIM, generator=g, device="cuda").bfloat16().requires_grad_()
-    key, value = (
-        torch.randn(1, KV_HEADS, TOKENS, DIM, generator=g, device="cuda").bfloat16().requires_grad_()
-        for _ in range(2)
-    )
-    sinks = torch.randn(HEADS, generator=g, device="cuda").requires_grad_()
-    grad = torch.randn(1, HEADS, TOKENS, DIM, generator=g, device="cuda").bfloat16()
+    query, key, value, sinks, grad = attention_inputs(TOKENS, HEADS, KV_HEADS, DIM)
     batches = {
         "1024-token docs": documents_of([1024] * (TOKENS // 1024)),
         "mixed 400-4000": documents_of(mixed_lengths(torch.Generator().manual_seed(1))),

@@ -45,3 +45,17 @@ def cuda_milliseconds(fn, *args, warmup: int = 3, repeats: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def attention_inputs(tokens: int = 16384, heads: int = 64, kv_heads: int = 8, dim: int = 64):
+    """(query, key, value, sinks, output gradient) of one gpt-oss-20b attention layer over one
+    packed row, random bf16, leaves that need gradients."""
+    g = torch.Generator("cuda").manual_seed(0)
+    query = torch.randn(1, heads, tokens, dim, generator=g, device="cuda").bfloat16().requires_grad_()
+    key, value = (
+        torch.randn(1, kv_heads, tokens, dim, generator=g, device="cuda").bfloat16().requires_grad_()
+        for _ in range(2)
+    )
+    sinks = torch.randn(heads, generator=g, device="cuda").requires_grad_()
+    grad = torch.randn(1, heads, tokens, dim, generator=g, device="cuda").bfloat16()
+    return query, key, value, sinks, grad

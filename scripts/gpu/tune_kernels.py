@@ -6,7 +6,7 @@ import sys
 
 import torch
 import triton
-from step_model import cuda_milliseconds
+from step_model import attention_inputs, cuda_milliseconds
 from torch.nn.attention.flex_attention import flex_attention
 
 from gptoss_tune.kernels import moe, moe_triton
@@ -87,17 +87,10 @@ def epilogues() -> None:
 
 
 def attention() -> None:
-    tokens, heads, kv_heads, dim = 16384, 64, 8, 64
-    g = torch.Generator("cuda").manual_seed(0)
-    query = torch.randn(1, heads, tokens, dim, generator=g, device="cuda").bfloat16().requires_grad_()
-    key, value = (
-        torch.randn(1, kv_heads, tokens, dim, generator=g, device="cuda").bfloat16().requires_grad_()
-        for _ in range(2)
-    )
-    sinks = torch.randn(heads, generator=g, device="cuda").requires_grad_()
+    tokens, dim = 16384, 64
+    query, key, value, sinks, grad = attention_inputs(tokens, dim=dim)
     documents = document_ids(torch.arange(tokens, device="cuda").remainder(1024).unsqueeze(0))
     masks = FlexAttention(compile=False)
-    grad = torch.randn(1, heads, tokens, dim, generator=g, device="cuda").bfloat16()
     reference = None
 
     def attend(q, k, v, s, block_mask, options):
