@@ -19,7 +19,13 @@ from gptoss_tune.bench.flops import (
     peak_tflops_for,
     visible_pairs,
 )
-from gptoss_tune.bench.recipes import StepBatch, as_step, packed_document_lengths, shared_targets
+from gptoss_tune.bench.recipes import (
+    StepBatch,
+    as_step,
+    build_transformers_model,
+    packed_document_lengths,
+    shared_targets,
+)
 from gptoss_tune.bench.report import loss_gap_tolerance, markdown, throughput_table
 from gptoss_tune.bench.run import (
     LOSS_GAP_TOLERANCE,
@@ -253,6 +259,20 @@ def test_bench_runs_ours_and_the_cookbook_on_a_cpu_and_they_agree(tmp_path) -> N
 
 
 @pytest.mark.slow
+def test_bench_bf16_weights_follow_the_seed_and_leave_the_global_generator_alone() -> None:
+    config = preset_config("tiny")
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_transformers_model(config, torch.device("cpu"), torch.float32, seed=5).state_dict()
+    assert torch.equal(torch.rand(3), expected_next)
+    again = build_transformers_model(config, torch.device("cpu"), torch.float32, seed=5).state_dict()
+    other = build_transformers_model(config, torch.device("cpu"), torch.float32, seed=6).state_dict()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first[name], other[name])
+
+
 def test_long_context_mode_measures_one_sequence_per_length() -> None:
     options = BenchOptions(
         preset="tiny",

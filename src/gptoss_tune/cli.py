@@ -459,7 +459,7 @@ def bench(
             "[default recipes: ours]."
         ),
     ] = "bf16",
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data and the random weights.")] = 0,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Folder for bench.json and bench.md.")
     ] = Path("runs/bench"),

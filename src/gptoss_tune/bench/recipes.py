@@ -375,22 +375,29 @@ def set_transformers_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def build_transformers_model(config: GptOssConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_transformers_model(
+    config: GptOssConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
     """transformers GptOssForCausalLM with random weights, allocated and initialized on `device`.
 
     transformers' initialization, except lm_head at std 1/sqrt(hidden): logits of unit scale, so the
     per-token losses depend on the hidden states enough to tell implementations apart (with std 0.02
-    a small model's logits are flat and every recipe scores ln(vocab) whatever it computes).
+    a small model's logits are flat and every recipe scores ln(vocab) whatever it computes). Drawn
+    from torch's global generators seeded with `seed` (restored afterwards), so two runs with the
+    same seed train the same model and route tokens alike: their speeds compare.
     """
     from transformers import GptOssForCausalLM
 
-    with torch.device(device):
-        model = GptOssForCausalLM._from_config(
-            config, attn_implementation="eager", experts_implementation="eager", dtype=dtype
-        )
-    model.requires_grad_(False)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = GptOssForCausalLM._from_config(
+                config, attn_implementation="eager", experts_implementation="eager", dtype=dtype
+            )
+        model.requires_grad_(False)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
     return model
 
 

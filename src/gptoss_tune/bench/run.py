@@ -396,7 +396,7 @@ class Bench:
                 scale_spread=1,
             )
         else:
-            self.hf_model = build_transformers_model(self.config, self.device, self.dtype)
+            self.hf_model = build_transformers_model(self.config, self.device, self.dtype, self.options.seed)
         synchronize(self.device)
         self.log(f"weights ready in {time.perf_counter() - started:.1f} s ({self.weights_gib():.2f} GiB)")
 
