@@ -29,7 +29,6 @@ def epilogues() -> None:
     weights = torch.rand(ROWS, generator=g, device="cuda").bfloat16()
     gate_up, act = torch.empty_like(base), base.new_empty(ROWS, INNER)
     grad_gate_up, base_dot = torch.empty_like(base), torch.empty(ROWS, device="cuda")
-    projected = base.new_empty(ROWS, RANK)  # the gradient times the gate_up LoRA's B, as training runs it
     words = base.view(torch.int32)
     traffic_forward = base.numel() * 2 * 2 + act.numel() * 2  # read base, write gate_up and act
     traffic_backward = base.numel() * 2 * 2 + grad_base.numel() * 2 * 2  # gate_up, grad in; grad, act out
@@ -56,10 +55,9 @@ def epilogues() -> None:
 
         def run(block_rows=block_rows, block_pairs=block_pairs, warps=warps):
             moe_triton._activation_backward_kernel[(triton.cdiv(ROWS, block_rows),)](
-                words, grad_base, inputs, down_factor, routing.experts, weights, factor.view(torch.int32),
-                grad_gate_up.view(torch.int32), base_dot, act, projected, ROWS, INNER, 1.702, 7.0,
-                RANK=RANK, PROJECTED=RANK, PROJECTED_POW2=RANK,
-                BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs, num_warps=warps,
+                words, grad_base, inputs, down_factor, routing.experts, weights,
+                grad_gate_up.view(torch.int32), base_dot, act, ROWS, INNER, 1.702, 7.0,
+                RANK=RANK, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs, num_warps=warps,
             )  # fmt: skip
 
         ms = cuda_milliseconds(run)

@@ -28,8 +28,7 @@ recomputed in backward inside the one fused kernel that backpropagates through i
 weights' gradient comes from the down projection's input gradient (<dL/dy, act V> = <(dL/dy) V^T,
 act>), so neither the activation, nor the down output, nor the gathered rows are saved: about 1 GiB
 less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into fewer recomputed
-layers. The same kernel projects the gate_up gradient it writes on the gate_up LoRA's B
-(`RowProjection`: the gradient of x A_e), so that [S, 2I] gradient is read once less. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
+layers. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
 
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
 "epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere. No host synchronization: expert
@@ -236,18 +235,6 @@ class LowRank(NamedTuple):
         return grouped_mm(self.inputs, self.factor, self.offsets)
 
 
-class RowProjection(NamedTuple):
-    """rows_s factor_e^T for rows an epilogue computes [S, D] -> [S, r]: the gate_up LoRA's input
-    gradient, which the Triton activation backward sums in registers while it writes the rows."""
-
-    factor: Tensor  # [E, r, D]
-    experts: Tensor  # [S] each row's expert
-    offsets: Tensor  # [E] int32 group ends
-
-    def apply(self, rows: Tensor) -> Tensor:
-        return grouped_mm(rows, self.factor.transpose(-2, -1), self.offsets)
-
-
 def materialized(term: LowRank | Tensor | None) -> Tensor | None:
     """A low-rank term as its [S, D] product (torch.compile cannot trace grouped_mm on every
     device, so the compiled epilogues get it computed)."""
@@ -295,14 +282,12 @@ def activation_backward_epilogue(
     weights: Tensor,
     alpha: float,
     limit: float,
-    projection: RowProjection | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward through weight * (act V_e + ...) and act = SwiGLU(gate_up), with the activation
     recomputed from the saved gate_up. grad_base [S, I] = (dL/dy) V_e^T, the gradient of the base
     projection's input before the routing weight; grad_low_rank the down LoRA's part of dL/d act
     (routing weight and scaling already in its inputs). Returns (dL/d gate_up [S, 2I],
-    <grad_base, act> per row [S] fp32, act [S, I], dL/d gate_up projected by `projection` [S, r]
-    or None)."""
+    <grad_base, act> per row [S] fp32, act [S, I])."""
     gate_up_fp32 = gate_up.float()
     act = clamped_swiglu(gate_up_fp32, alpha, limit)
     grad_base_fp32 = grad_base.float()
@@ -310,9 +295,8 @@ def activation_backward_epilogue(
     grad_act = grad_base_fp32 * weights.float().unsqueeze(-1)
     if grad_low_rank is not None:
         grad_act = grad_act + materialized(grad_low_rank).float()
-    grad_gate_up = clamped_swiglu_backward(gate_up_fp32, grad_act, alpha, limit).to(gate_up.dtype)
-    projected = projection.apply(grad_gate_up) if projection is not None else None
-    return grad_gate_up, base_dot, act.to(gate_up.dtype), projected
+    grad_gate_up = clamped_swiglu_backward(gate_up_fp32, grad_act, alpha, limit)
+    return grad_gate_up.to(gate_up.dtype), base_dot, act.to(gate_up.dtype)
 
 
 @dataclass
@@ -321,9 +305,7 @@ class Epilogues:
 
     gate_up: Callable[..., tuple[Tensor, Tensor]] = gate_up_epilogue
     down: Callable[..., Tensor] = down_epilogue
-    activation_backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] = (
-        activation_backward_epilogue
-    )
+    activation_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = activation_backward_epilogue
     slot_sum: SlotSum = sum_slots
 
     @classmethod
@@ -338,9 +320,7 @@ class Epilogues:
         return cls(
             _low_rank_materialized(torch.compile(gate_up_epilogue, dynamic=True), 3),
             torch.compile(down_epilogue, dynamic=True),
-            _projected_outside(
-                _low_rank_materialized(torch.compile(activation_backward_epilogue, dynamic=True), 2)
-            ),
+            _low_rank_materialized(torch.compile(activation_backward_epilogue, dynamic=True), 2),
             torch.compile(sum_slots, dynamic=True),
         )
 
@@ -362,18 +342,6 @@ def _low_rank_materialized(epilogue: Callable[..., Any], position: int) -> Calla
         args = list(args)
         args[position] = materialized(args[position])
         return epilogue(*args)
-
-    return run
-
-
-def _projected_outside(epilogue: Callable[..., Any]) -> Callable[..., Any]:
-    """Calls the activation backward `epilogue` without its row projection (an argument after the
-    first six), then projects the gradient it returns with grouped_mm."""
-
-    def run(*args: Any) -> Any:
-        projection = args[6] if len(args) > 6 else None
-        grad_gate_up, base_dot, act, _ = epilogue(*args[:6])
-        return grad_gate_up, base_dot, act, projection.apply(grad_gate_up) if projection is not None else None
 
     return run
 
@@ -468,20 +436,13 @@ def _down_forward(
     return out, inputs
 
 
-class _DownGrads(NamedTuple):
-    pre_activation: Tensor  # dL/d pre-activation [S, 2I]
-    routing_weights: Tensor  # dL/d routing weight [S] fp32
-    lora: tuple[Tensor, Tensor] | None  # the down LoRA's (dA', dB')
-    gate_up_low_rank: Tensor | None  # dL/d pre-activation B_e^T [S, r'] (the gate_up LoRA's B)
-
-
 def _down_backward(
     layer: _Layer, grad_out: Tensor, pre_activation: Tensor, weights: Tensor, down_inputs: Tensor | None
-) -> _DownGrads:
-    """dL/d out [N, H] -> the gradients of the down step (`_DownGrads`). The activation is
-    recomputed inside the epilogue, which also projects its gradient on the gate_up LoRA's B; the
-    routing weights' gradient is <dL/dy, y> with y = act V_e + c_e + s (act A'_e) B'_e, each term
-    taken from a gradient that backward computes anyway."""
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """dL/d out [N, H] -> (dL/d pre-activation [S, 2I], dL/d routing weight [S] fp32, the down
+    LoRA's (dA', dB')). The activation is recomputed inside the epilogue; the routing weights'
+    gradient is <dL/dy, y> with y = act V_e + c_e + s (act A'_e) B'_e, each term taken from a
+    gradient that backward computes anyway."""
     experts, routing, adapter, offsets = layer.experts, layer.routing, layer.down, layer.offsets
     dtype = grad_out.dtype
     grad_rows = grad_out.index_select(0, routing.tokens)  # dL/dy per sorted row, before the weight
@@ -498,11 +459,8 @@ def _down_backward(
         grad_weights = grad_weights + adapter.scaling * (grad_b_side.float() * down_inputs.float()).sum(-1)
         grad_down_inputs = grad_b_side * weight_scale
         grad_low_rank = LowRank(grad_down_inputs, adapter.lora_a.transpose(-2, -1), routing.experts, offsets)
-    projection = None
-    if layer.gate_up is not None:  # the gate_up LoRA's input gradient needs dL/d pre-activation B_e^T
-        projection = RowProjection(layer.gate_up.lora_b, routing.experts, offsets)
-    grad_pre_activation, base_dot, activated, grad_gate_up_low_rank = layer.epilogues.activation_backward(
-        pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit, projection
+    grad_pre_activation, base_dot, activated = layer.epilogues.activation_backward(
+        pre_activation, grad_base, grad_low_rank, weights, experts.alpha, experts.limit
     )
     grad_weights = grad_weights + base_dot  # + <(dL/dy) V_e^T, act>
     lora_grads = None
@@ -512,24 +470,21 @@ def _down_backward(
         )
         grad_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.down_lora.lora_A)
-    return _DownGrads(grad_pre_activation, grad_weights, lora_grads, grad_gate_up_low_rank)
+    return grad_pre_activation, grad_weights, lora_grads
 
 
 def _gate_up_backward(
-    layer: _Layer,
-    grad_pre_activation: Tensor,
-    grad_low_rank_rows: Tensor | None,
-    tokens: Tensor,
-    gate_up_inputs: Tensor | None,
+    layer: _Layer, grad_pre_activation: Tensor, tokens: Tensor, gate_up_inputs: Tensor | None
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """dL/d pre-activation [S, 2I] (and its projection on B_e, [S, r'], with a LoRA) -> (dL/d tokens
-    [N, H] in the tokens' dtype, the gate_up LoRA's (dA, dB))."""
+    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] in the tokens' dtype, the gate_up LoRA's
+    (dA, dB))."""
     experts, routing, adapter, offsets = layer.experts, layer.routing, layer.gate_up, layer.offsets
     grad_low_rank = lora_grads = None
     if adapter is not None:
         # dL/d update = s * dL/d pre-activation: the scaling goes on the thin results, not on [S, 2I]
         grad_lora_b = grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * adapter.scaling
-        grad_inputs = place_in_slots(grad_low_rank_rows * adapter.scaling, routing)  # [N, E * r']
+        grad_inputs = grouped_mm(grad_pre_activation, adapter.lora_b.transpose(-2, -1), offsets)
+        grad_inputs = place_in_slots(grad_inputs * adapter.scaling, routing)  # [N, E * r']
         grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
         grad_low_rank = grad_inputs @ all_experts(adapter.lora_a).t()  # added inside the slot sum
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
@@ -568,19 +523,19 @@ class _LoraExperts(torch.autograd.Function):
         tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
         layer: _Layer = ctx.layer
         with torch.autocast(tokens.device.type, enabled=False):
-            down = _down_backward(layer, grad_out.to(tokens.dtype), pre_activation, weights, down_inputs)
-            grad_tokens, gate_up_grads = _gate_up_backward(
-                layer, down.pre_activation, down.gate_up_low_rank, tokens, gate_up_inputs
+            grad_pre_activation, grad_weights, down_grads = _down_backward(
+                layer, grad_out.to(tokens.dtype), pre_activation, weights, down_inputs
             )
+            grad_tokens, gate_up_grads = _gate_up_backward(layer, grad_pre_activation, tokens, gate_up_inputs)
         routing = layer.routing
-        grad_expert_weights = down.routing_weights.index_select(0, routing.inverse).view(
+        grad_expert_weights = grad_weights.index_select(0, routing.inverse).view(
             routing.num_tokens, routing.top_k
         )
         return (
             grad_tokens,
             grad_expert_weights.to(ctx.weights_dtype),
             *(gate_up_grads or (None, None)),
-            *(down.lora or (None, None)),
+            *(down_grads or (None, None)),
             None,
             None,
         )

@@ -12,9 +12,6 @@ in separate, strided kernels; the token sums are reductions over only k = 4 gath
 - the per-row LoRA products that meet these epilogues, (x A_e) B_e in gate_up and the down LoRA's
   input gradient (du A'_e^T), are r-term sums done in registers: the [S, 2I] and [S, I] products
   a thin grouped GEMM would write (and the epilogue read back) never exist;
-- the activation backward also projects the gate_up gradient it writes on the gate_up LoRA's B
-  (dL/d(x A_e) = dL/d gate_up B_e^T, r sums along the row it holds), so that gradient is not read
-  back by a thin grouped GEMM;
 - each token's sum over its k rows is a loop over k in registers, the gathered rows read once; the
   per-token LoRA term is added there too, and the sum is rounded once to the caller's dtype.
 """
@@ -43,13 +40,6 @@ class LowRankTerm(Protocol):
     moe imports this module)."""
 
     inputs: Tensor  # [S, r]
-    factor: Tensor  # [E, r, D]
-    experts: Tensor  # [S]
-
-
-class RowProjectionTerm(Protocol):
-    """`gptoss_tune.kernels.moe.RowProjection` with the rows' experts: rows_s factor_e^T."""
-
     factor: Tensor  # [E, r, D]
     experts: Tensor  # [S]
 
@@ -121,19 +111,16 @@ if triton is not None:
 
     @triton.jit
     def _activation_backward_kernel(
-        gate_up_ptr, grad_base_ptr, inputs_ptr, factor_ptr, experts_ptr, weights_ptr, projection_ptr,
-        grad_gate_up_ptr, base_dot_ptr, act_ptr, projected_ptr,
+        gate_up_ptr, grad_base_ptr, inputs_ptr, factor_ptr, experts_ptr, weights_ptr,
+        grad_gate_up_ptr, base_dot_ptr, act_ptr,
         rows, inner, alpha, limit,
-        RANK: tl.constexpr, PROJECTED: tl.constexpr, PROJECTED_POW2: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
     ):  # fmt: skip
         row_ids = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = row_ids < rows
         weights = tl.load(weights_ptr + row_ids, mask=row_mask, other=0.0).to(tl.float32)
         experts = tl.load(experts_ptr + row_ids, mask=row_mask, other=0).to(tl.int64)
         base_dot = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-        projected_ids = tl.arange(0, PROJECTED_POW2)
-        projected = tl.zeros([BLOCK_ROWS, PROJECTED_POW2], dtype=tl.float32)
         for start in range(0, inner, BLOCK_PAIRS):
             pair_ids = start + tl.arange(0, BLOCK_PAIRS)
             mask = row_mask[:, None] & (pair_ids[None, :] < inner)
@@ -152,23 +139,9 @@ if triton is not None:
             d_gate = grad_act * (clamped_up + 1) * sigmoid * (1 + clamped_gate * alpha * (1 - sigmoid))
             d_gate = tl.where(gate <= limit, d_gate, 0.0)
             d_up = tl.where((up >= -limit) & (up <= limit), grad_act * glu, 0.0)
-            words = _pack_pairs(d_gate, d_up)
-            tl.store(grad_gate_up_ptr + offsets, words, mask=mask)
+            tl.store(grad_gate_up_ptr + offsets, _pack_pairs(d_gate, d_up), mask=mask)
             tl.store(act_ptr + offsets, act.to(tl.bfloat16), mask=mask)
-            if PROJECTED > 0:  # + the stored (rounded) gradient times B_e^T, r sums over the row
-                d_gate, d_up = _unpack_pairs(words)
-                for rank in tl.static_range(PROJECTED):
-                    factor_offsets = (experts[:, None] * PROJECTED + rank) * inner + pair_ids[None, :]
-                    factor_gate, factor_up = _unpack_pairs(
-                        tl.load(projection_ptr + factor_offsets, mask=mask, other=0)
-                    )
-                    partial = tl.sum(d_gate * factor_gate + d_up * factor_up, axis=1)
-                    projected += tl.where(projected_ids[None, :] == rank, partial[:, None], 0.0)
         tl.store(base_dot_ptr + row_ids, base_dot, mask=row_mask)
-        if PROJECTED > 0:
-            projected_offsets = row_ids[:, None].to(tl.int64) * PROJECTED + projected_ids[None, :]
-            projected_mask = row_mask[:, None] & (projected_ids[None, :] < PROJECTED)
-            tl.store(projected_ptr + projected_offsets, projected.to(tl.bfloat16), mask=projected_mask)
 
     @triton.jit
     def _token_sum_kernel(
@@ -246,30 +219,24 @@ def activation_backward_epilogue(
     weights: Tensor,
     alpha: float,
     limit: float,
-    projection: RowProjectionTerm | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as `gptoss_tune.kernels.moe.activation_backward_epilogue`, for bf16 rows."""
     rows, inner = gate_up.shape[0], gate_up.shape[1] // 2
     grad_gate_up = torch.empty_like(gate_up)
     base_dot = torch.empty(rows, device=gate_up.device, dtype=torch.float32)
     act = gate_up.new_empty(rows, inner)
-    projected_rank = projection.factor.shape[1] if projection is not None else 0
-    projected = gate_up.new_empty(rows, projected_rank) if projection is not None else None
     if rows == 0:
-        return grad_gate_up, base_dot, act, projected
+        return grad_gate_up, base_dot, act
     grad_base = grad_base.to(torch.bfloat16).contiguous()
     inputs, factor, rank = _low_rank_args(grad_low_rank, torch.bfloat16, grad_base)
-    with_experts = grad_low_rank if grad_low_rank is not None else projection
-    experts = with_experts.experts.contiguous() if with_experts is not None else weights  # (placeholder)
-    projection_factor = _pairs(projection.factor.to(torch.bfloat16)) if projection is not None else grad_base
+    experts = grad_low_rank.experts.contiguous() if grad_low_rank is not None else weights
     _activation_backward_kernel[(triton.cdiv(rows, ROW_BLOCK[0]),)](
-        _pairs(gate_up), grad_base, inputs, factor, experts, weights.contiguous(), projection_factor,
-        grad_gate_up.view(torch.int32), base_dot, act, projected if projected is not None else base_dot,
+        _pairs(gate_up), grad_base, inputs, factor, experts, weights.contiguous(),
+        grad_gate_up.view(torch.int32), base_dot, act,
         rows, inner, float(alpha), float(limit),
-        RANK=rank, PROJECTED=projected_rank, PROJECTED_POW2=max(1, triton.next_power_of_2(projected_rank)),
-        BLOCK_ROWS=ROW_BLOCK[0], BLOCK_PAIRS=ROW_BLOCK[1],
+        RANK=rank, BLOCK_ROWS=ROW_BLOCK[0], BLOCK_PAIRS=ROW_BLOCK[1],
     )  # fmt: skip
-    return grad_gate_up, base_dot, act, projected
+    return grad_gate_up, base_dot, act
 
 
 def _token_sum(
