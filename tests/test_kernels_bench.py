@@ -258,7 +258,6 @@ def test_bench_runs_ours_and_the_cookbook_on_a_cpu_and_they_agree(tmp_path) -> N
     assert "gptoss-tune bench --preset tiny" in recorded and "| ours-eager | ok |" in recorded
 
 
-@pytest.mark.slow
 def test_bench_bf16_weights_follow_the_seed_and_leave_the_global_generator_alone() -> None:
     config = preset_config("tiny")
     torch.manual_seed(123)
@@ -273,6 +272,7 @@ def test_bench_bf16_weights_follow_the_seed_and_leave_the_global_generator_alone
     assert not torch.equal(first[name], other[name])
 
 
+@pytest.mark.slow
 def test_long_context_mode_measures_one_sequence_per_length() -> None:
     options = BenchOptions(
         preset="tiny",
