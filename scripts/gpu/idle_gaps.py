@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import torch
 from step_model import StepModel
@@ -21,7 +22,7 @@ from gptoss_tune.bench.data import bench_data
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 24
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 16384
-trace_path = sys.argv[3] if len(sys.argv) > 3 else tempfile.mktemp(suffix=".json")
+trace_path = sys.argv[3] if len(sys.argv) > 3 else str(Path(tempfile.gettempdir()) / "idle_gaps_trace.json")
 run = StepModel(layers, tokens)
 batch = next(itertools.islice(bench_data(tokens, 4).packed(), 1, None))
 optimizer = torch.optim.AdamW(run.params, lr=1e-4, fused=True)
