@@ -10,13 +10,7 @@ import torch
 from step_model import attention_inputs, cuda_milliseconds
 from torch.nn.attention.flex_attention import BlockMask
 
-from gptoss_tune.kernels.attention import (
-    SM90_HEAD_DIM_64_OPTIONS,
-    attend_with_sinks,
-    build_block_mask,
-    tile_table,
-    tiles_to_kv_blocks,
-)
+from gptoss_tune.kernels.attention import SM90_HEAD_DIM_64_OPTIONS, attend_with_sinks, build_block_mask
 from gptoss_tune.model.gpt_oss import document_ids
 
 TOKENS, HEADS, KV_HEADS, DIM, WINDOW = 16384, 64, 8, 64, 128
@@ -43,11 +37,9 @@ def documents_block_mask(documents: torch.Tensor, window: int | None) -> BlockMa
         visible = (kv_idx <= q_idx) & (documents[batch, q_idx] == documents[batch, kv_idx])
         return visible if window is None else visible & (q_idx - kv_idx < window)
 
-    partial, full = tile_table(documents, window)
-    return BlockMask.from_kv_blocks(
-        *tiles_to_kv_blocks(partial), *tiles_to_kv_blocks(full), BLOCK_SIZE=128, mask_mod=mask_mod,
-        seq_lengths=(TOKENS, TOKENS),
-    )  # fmt: skip
+    mask = build_block_mask(documents, window)
+    mask.mask_mod = mask_mod
+    return mask
 
 
 def mixed_lengths(generator: torch.Generator) -> list[int]:

@@ -19,14 +19,27 @@ class StepModel:
         enable_fast_paths(self.model)
         self.input_ids = torch.randint(0, self.config.vocab_size, (1, tokens), device="cuda")
         self.position_ids = torch.arange(tokens, device="cuda").remainder(1024).unsqueeze(0)
+        self.labels: torch.Tensor | None = None  # None: every token is trained (labels = input_ids)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=True)
 
     def loss(self) -> torch.Tensor:
+        labels = self.input_ids if self.labels is None else self.labels
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            total, count = self.model.loss(self.input_ids, self.input_ids, self.position_ids)
+            total, count = self.model.loss(self.input_ids, labels, self.position_ids)
         return total / count
 
     def step(self) -> None:
         self.loss().backward()
+
+    def train_step(self) -> None:
+        """A whole optimizer step as the bench takes it: forward + backward, clip, fused AdamW, and
+        the loss read back (a host synchronization)."""
+        loss = self.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())
 
     def milliseconds(self, step=None, warmup: int = 3, repeats: int = 3) -> float:
         """GPU time of `step` (default: forward + backward), after `warmup` untimed ones."""
