@@ -12,7 +12,15 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from gptoss_tune.kernels import FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
+from gptoss_tune.config import ATTENTIONS
+from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.kernels import (
+    ATTENTION_BACKENDS,
+    FusedLinearCrossEntropy,
+    GroupedExperts,
+    enable_fast_paths,
+    make_attention,
+)
 from gptoss_tune.kernels.attention import (
     FlexAttention,
     build_block_mask,
@@ -21,6 +29,7 @@ from gptoss_tune.kernels.attention import (
     tile_table,
     tiles_to_kv_blocks,
 )
+from gptoss_tune.kernels.flash_attention import FlashAttention, document_sequences, flash_window
 from gptoss_tune.kernels.loss import linear_cross_entropy_sum
 from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
 from gptoss_tune.kernels.moe import (
@@ -205,6 +214,66 @@ def test_block_masks_are_built_once_per_micro_batch_and_window() -> None:
         assert flex.masks_built == 2
         flex(query, key, value, sinks, scaling=0.25, sliding_window=128, documents=documents.clone())
     assert flex.masks_built == 3
+
+
+def flash_attention_mask(
+    cu_seqlens: torch.Tensor, window: tuple[int | None, int | None], total: int
+) -> torch.Tensor:
+    """[total, total] what FlashAttention's variable-length causal kernel lets query i see: key j of
+    the same sequence with j <= i, and with a window (left, right) also i - left <= j <= i + right."""
+    sequence = torch.bucketize(torch.arange(total), cu_seqlens[1:].long(), right=True)
+    index = torch.arange(total)
+    query, key = index[:, None], index[None, :]
+    allowed = (sequence[:, None] == sequence[None, :]) & (key <= query)
+    left, right = window
+    if left is not None:
+        allowed &= (key >= query - left) & (key <= query + right)
+    return allowed
+
+
+@pytest.mark.parametrize("window", [None, 128, 5], ids=str)
+@pytest.mark.parametrize("seed", range(3))
+def test_flash_attention_sequences_and_window_give_the_eager_mask(window, seed) -> None:
+    """The rows flattened into one stream, cut at document starts and row starts, with our window as
+    FlashAttention's (left, right), allow exactly the pairs of the eager mask (and none across rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, length = 3, 384
+    positions = []
+    for _ in range(rows):
+        lengths, left = [], length
+        while left:
+            lengths.append(min(left, int(torch.randint(1, 200, (1,), generator=generator))))
+            left -= lengths[-1]
+        positions.append(torch.cat([torch.arange(n) for n in lengths]))
+    documents = document_ids(torch.stack(positions))
+    cu_seqlens, longest = document_sequences(documents)
+    assert cu_seqlens.dtype == torch.int32 and longest == int(cu_seqlens.diff().max())
+    allowed = flash_attention_mask(cu_seqlens, flash_window(window), rows * length)
+    eager = torch.block_diag(*attention_mask(documents, window).unbind(0)).bool()
+    assert torch.equal(allowed, eager)
+
+
+def test_make_attention_picks_flash_attention_4_only_where_it_is_installed() -> None:
+    assert ATTENTIONS == ATTENTION_BACKENDS  # the config's copy of the names
+    assert isinstance(make_attention("flex", compile=False), FlexAttention)
+    with pytest.raises(GptossTuneError, match="Unknown attention backend"):
+        make_attention("sdpa")
+    if FlashAttention.available():
+        assert isinstance(make_attention("auto", compile=False), FlashAttention)
+    else:
+        assert isinstance(make_attention("auto", compile=False), FlexAttention)
+        with pytest.raises(GptossTuneError, match="flash-attn-4"):
+            make_attention("flash")
+
+
+def test_flash_attention_hands_cpu_calls_to_its_fallback() -> None:
+    flash = FlashAttention(fallback=eager_attention)
+    query, key, value, sinks, documents = attention_inputs(256, seed=8)
+    kwargs = {"scaling": 0.25, "sliding_window": 128, "documents": documents}
+    assert not flash.can_run(query, key, value, sinks)
+    assert torch.equal(
+        flash(query, key, value, sinks, **kwargs), eager_attention(query, key, value, sinks, **kwargs)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

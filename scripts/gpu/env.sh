@@ -9,7 +9,20 @@ if [ ! -f /tmp/site/.installed ]; then  # once per machine: scripts may source t
     || { echo "wheel install failed: run ../shared/device/wheels.sh and carry .whl"; exit 1; }
   touch /tmp/site/.installed
 fi
-export PYTHONPATH=/tmp/site:$PWD/src TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
+if [ -d .fa4b ] && [ ! -f /tmp/site/.fa4 ]; then  # FlashAttention-4, carried in two calls (fa4_bundle.sh)
+  if [ -f /tmp/fa4/cu13.tar.xz.part1 ]; then
+    # the wheels first: pip --upgrade --target replaces the nvidia_cutlass_dsl folder the compiler joins
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .fa4b/*.whl \
+      && cat /tmp/fa4/cu13.tar.xz.part1 .fa4b/cu13.tar.xz.part2 \
+      | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site')" \
+      && touch /tmp/site/.fa4
+  else
+    echo "FlashAttention-4 not installed: part one is missing (run scripts/gpu/fa4_stage.sh in the call before)"
+  fi
+fi
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src
+export TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # runs of one call share compiled kernels
 {
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader

@@ -325,6 +325,13 @@ def train(
             "loss) on CUDA, eager on CPU; fast: the fast paths on any device; eager: the reference code."
         ),
     ] = "auto",
+    attention: Annotated[
+        str,
+        typer.Option(
+            help="The fast paths' attention: auto (FlashAttention-4 where the optional flash-attn-4 package "
+            "is installed and the GPU is an H100/H200/B200, else FlexAttention), flash, or flex."
+        ),
+    ] = "auto",
     gpus: Annotated[
         int, typer.Option(help="Data-parallel processes on this machine (torchrun underneath).")
     ] = 1,
@@ -416,6 +423,13 @@ def bench(
     stock_checkpointing: Annotated[
         bool, typer.Option(help="Gradient checkpointing in the stock recipe (the cookbook always uses it).")
     ] = True,
+    attention: Annotated[
+        str,
+        typer.Option(
+            help="Ours' attention: auto (FlashAttention-4 where flash-attn-4 is installed, else "
+            "FlexAttention), flash, or flex."
+        ),
+    ] = "auto",
     components: Annotated[
         bool, typer.Option(help="Also time experts, attention and loss variants on one layer (CUDA).")
     ] = False,
@@ -492,6 +506,7 @@ def bench(
         memory_budget_gib=memory_budget_gib if memory_budget_gib > 0 else None,
         loss_chunk_tokens=loss_chunk_tokens,
         stock_checkpointing=stock_checkpointing,
+        attention=attention,
         peak_tflops=peak_tflops,
         long_context=integers(long_context, "--long-context") if long_context else (),
         seed=seed,

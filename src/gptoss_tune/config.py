@@ -20,6 +20,7 @@ from gptoss_tune.model.mxfp4 import EXPERT_STORAGES
 SCHEDULES = ("cosine", "linear", "constant")
 SHARDINGS = ("ddp", "fsdp")
 KERNELS = ("auto", "fast", "eager")
+ATTENTIONS = ("auto", "flash", "flex")  # gptoss_tune.kernels.ATTENTION_BACKENDS (kept import-light)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     # GPU: checkpoint only as many layers as this budget needs; "auto": the GPU's free memory less headroom
     memory_budget_gib: float | str | None = None
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
+    attention: str = "auto"  # the fast paths' attention: auto (FlashAttention-4 if installed), flash, flex
     gpus: int = 1
     sharding: str = "ddp"
     expert_storage: str = "auto"  # auto, mxfp4, bf16: see gptoss_tune.model.mxfp4
@@ -87,6 +89,8 @@ class TrainConfig:
             )
         if self.kernels not in KERNELS:
             raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
+        if self.attention not in ATTENTIONS:
+            raise GptossTuneError(f"Unknown --attention '{self.attention}': use auto, flash or flex.")
         if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)

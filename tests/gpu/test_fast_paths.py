@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 import triton_cases
-from gptoss_tune.kernels import FlexAttention, FusedLinearCrossEntropy, GroupedExperts, enable_fast_paths
+from gptoss_tune.kernels import (
+    FlashAttention,
+    FlexAttention,
+    FusedLinearCrossEntropy,
+    GroupedExperts,
+    enable_fast_paths,
+    make_attention,
+)
 from gptoss_tune.kernels.attention import kernel_options_for
 from gptoss_tune.kernels.memory import (
     auto_budget_bytes,
@@ -130,6 +137,63 @@ def test_flex_attention_matches_eager_forward_and_backward(flex, dtype, window) 
         ("query", "key", "value"), actual_grads, eager_grads, truth_grads, strict=True
     ):
         assert_as_accurate(name, got, baseline, want, dtype)
+
+
+needs_flash_attention_4 = pytest.mark.skipif(
+    not FlashAttention.available(), reason="needs flash-attn-4 (pip install 'gptoss-tune[fa4]')"
+)
+
+
+def two_row_attention_inputs(seed: int = 1):
+    """Two packed rows (the second's documents restart at 0), token-major views as the model passes
+    them, and sinks that take gradient."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def token_major(heads: int) -> torch.Tensor:
+        tensor = torch.randn(2, LENGTH, heads, 64, generator=generator, device=DEVICE).bfloat16()
+        return tensor.requires_grad_(True).transpose(1, 2)
+
+    sinks = (2 * torch.randn(64, generator=generator, device=DEVICE)).requires_grad_(True)
+    positions = torch.cat([packed_positions([300, 37, 463, 224]), packed_positions([1000, 24])])
+    return token_major(64), token_major(8), token_major(8), sinks, document_ids(positions)
+
+
+@needs_flash_attention_4
+@pytest.mark.parametrize("window", [None, 128], ids=str)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_flash_attention_4_matches_eager_forward_and_backward(window, rows) -> None:
+    flash = FlashAttention(fallback=None)  # a call it cannot take would fail here, not fall back
+    inputs = attention_inputs(torch.bfloat16) if rows == 1 else two_row_attention_inputs()
+    differentiable = 3 if rows == 1 else 4  # with two rows the sinks take gradient too
+    assert flash.can_run(*inputs[:4])
+
+    def run(attention_fn, tensors):
+        query, key, value, sinks, documents = tensors
+        out = attention_fn(
+            query, key, value, sinks, scaling=0.125, sliding_window=window, documents=documents
+        )
+        grad = torch.randn(out.shape, generator=torch.Generator(device=DEVICE).manual_seed(9), device=DEVICE)
+        return out, torch.autograd.grad(out, tensors[:differentiable], grad.to(out.dtype))
+
+    actual, actual_grads = run(flash, inputs)
+    eager, eager_grads = run(eager_attention, inputs)
+    truth, truth_grads = run(eager_attention, as_fp32_leaves(inputs, differentiable))
+    assert actual.transpose(1, 2).is_contiguous()  # token-major: o_proj reads it without a copy
+    assert_as_accurate("output", actual, eager, truth, torch.bfloat16)
+    names = ("query", "key", "value", "sinks")[:differentiable]
+    for name, got, baseline, want in zip(names, actual_grads, eager_grads, truth_grads, strict=True):
+        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+
+
+@needs_flash_attention_4
+def test_flash_attention_4_hands_what_it_cannot_take_to_flex_attention() -> None:
+    attention = make_attention("auto")
+    assert isinstance(attention, FlashAttention)
+    query, key, value, sinks, documents = attention_inputs(torch.float32)
+    assert not attention.can_run(query, key, value, sinks)  # fp32: FlexAttention's
+    out = attention(query, key, value, sinks, scaling=0.125, sliding_window=128, documents=documents)
+    want = eager_attention(query, key, value, sinks, scaling=0.125, sliding_window=128, documents=documents)
+    assert relative_error(out, want) <= FP32_TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class RecipeOptions:
     memory_budget_bytes: int | None = None  # ours: selective checkpointing budget (None: none)
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
+    attention: str = "auto"  # ours: auto, flash or flex (gptoss_tune.kernels.make_attention)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,10 @@ class OursRecipe(Recipe):
     def _enable_kernels(self, model: GptOss) -> None:
         if self.kernels is None:
             self.kernels = enable_fast_paths(
-                model, compile=self.options.compile, loss_chunk_tokens=self.options.loss_chunk_tokens
+                model,
+                compile=self.options.compile,
+                loss_chunk_tokens=self.options.loss_chunk_tokens,
+                attention_backend=self.options.attention,
             )
         else:  # reuse the compiled kernels of an earlier setup
             self.kernels.install(model)

@@ -49,7 +49,7 @@ from gptoss_tune.bench.weights import (
 from gptoss_tune.config import SHARDINGS
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.kernels import FastPaths
+from gptoss_tune.kernels import ATTENTION_BACKENDS, FastPaths
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import LoraOptions
 from gptoss_tune.model.presets import preset_config
@@ -75,6 +75,7 @@ class BenchOptions:
     memory_budget_gib: float | None = 60.0
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
+    attention: str = "auto"  # ours' attention: auto, flash or flex
     peak_tflops: float | None = None
     long_context: tuple[int, ...] = ()
     seed: int = 0
@@ -99,6 +100,10 @@ class BenchOptions:
             )
         if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}'; choose ddp or fsdp.")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise GptossTuneError(
+                f"Unknown --attention '{self.attention}'; choose {', '.join(ATTENTION_BACKENDS)}."
+            )
         if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")
         if self.layers is not None and self.layers < 1:
@@ -375,6 +380,7 @@ class Bench:
             memory_budget_bytes=int(budget * GIB) if budget is not None else None,
             loss_chunk_tokens=self.options.loss_chunk_tokens,
             stock_checkpointing=self.options.stock_checkpointing,
+            attention=self.options.attention,
         )
 
     def build_weights(self) -> None:

@@ -1,6 +1,8 @@
 """GPU fast paths for our gpt-oss model, each checked against the eager reference in the model file.
 
 - `attention.FlexAttention`: FlexAttention with sinks, sliding windows and packed documents.
+- `flash_attention.FlashAttention`: FlashAttention-4's variable-length kernel with sinks, where the
+  optional `flash-attn-4` package is installed (sm90 / sm100); FlexAttention takes what it cannot.
 - `moe.GroupedExperts`: grouped-GEMM experts with the LoRA on the low-rank side, fused epilogues.
 - `projections.StackedProjections`: the query, key and value projections with their LoRAs as one
   GEMM each way.
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels.attention import FlexAttention
+from gptoss_tune.kernels.flash_attention import FlashAttention
 from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
 from gptoss_tune.kernels.memory import plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
@@ -28,14 +32,19 @@ from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import GptOss, NormFn, RotaryFn, rms_norm, rotate_query_key
 from gptoss_tune.model.mxfp4 import compiled_dequantize_experts
 
+ATTENTION_BACKENDS = ("auto", "flash", "flex")
+
 __all__ = [
+    "ATTENTION_BACKENDS",
     "FastPaths",
+    "FlashAttention",
     "FlexAttention",
     "FusedLinearCrossEntropy",
     "GroupedExperts",
     "StackedProjections",
     "compile_mxfp4_dequantization",
     "enable_fast_paths",
+    "make_attention",
     "plan_activation_checkpointing",
 ]
 
@@ -44,7 +53,7 @@ __all__ = [
 class FastPaths:
     """What `enable_fast_paths` installed (None: that part kept its eager reference)."""
 
-    attention: FlexAttention | None
+    attention: FlashAttention | FlexAttention | None
     experts: GroupedExperts | None
     loss: FusedLinearCrossEntropy | None
     norm: NormFn | None = None
@@ -56,7 +65,9 @@ class FastPaths:
 
     def describe(self) -> str:
         parts = []
-        if self.attention is not None:
+        if isinstance(self.attention, FlashAttention):
+            parts.append("flash attention 4")
+        elif self.attention is not None:
             parts.append("flex attention" + (" (compiled)" if self.attention.compiled else ""))
         if self.experts is not None:
             parts.append(
@@ -80,13 +91,14 @@ def enable_fast_paths(
     loss: bool = True,
     compile: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    attention_backend: str = "auto",
 ) -> FastPaths:
     """Swap the model's attention, experts, q/k/v projections and loss for the fast paths (shapes they cannot take
     still go through the eager reference). `compile` applies torch.compile where it pays: the
     FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk, the norms
-    and the rotary embedding."""
+    and the rotary embedding. `attention_backend`: see `make_attention`."""
     installed = FastPaths(
-        attention=FlexAttention(compile=compile) if attention else None,
+        attention=make_attention(attention_backend, compile) if attention else None,
         experts=GroupedExperts(compile=compile) if experts else None,
         loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
         # Automatic dynamic shapes (compiled static first; only a size that changes becomes dynamic):
@@ -100,6 +112,23 @@ def enable_fast_paths(
     if compile:
         compile_mxfp4_dequantization(model)
     return installed
+
+
+def make_attention(backend: str = "auto", compile: bool = True) -> FlashAttention | FlexAttention:
+    """auto: FlashAttention-4 where it is installed (FlexAttention for the calls it cannot take),
+    else FlexAttention. flash: FlashAttention-4 or an error saying how to install it. flex:
+    FlexAttention."""
+    if backend not in ATTENTION_BACKENDS:
+        raise GptossTuneError(f"Unknown attention backend '{backend}': use {', '.join(ATTENTION_BACKENDS)}.")
+    flex = FlexAttention(compile=compile)
+    if backend == "flex" or (backend == "auto" and not FlashAttention.available()):
+        return flex
+    if not FlashAttention.available():
+        raise GptossTuneError(
+            "--attention flash needs FlashAttention-4: pip install 'gptoss-tune[fa4]' "
+            "(or flash-attn-4 with nvidia-cutlass-dsl[cu13] for a CUDA 13 torch)."
+        )
+    return FlashAttention(fallback=flex)
 
 
 def compile_mxfp4_dequantization(model: GptOss) -> bool:
