@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One single-H200 call after a speed change (when only nvidia-h200 is lent), about 8 minutes, run in
-# sequence: tests/gpu; full-depth ours at 16k tokens with room for every activation; the kernel
-# table of a whole 24-layer step (also by input shape); ROOMY=0 leaves out the full-depth run. SIDE=1
-# adds ours vs stock vs cookbook at
-# full depth within 60 GiB (about 4 more minutes: leave out the profile then, PROFILE=0).
+# sequence: tests/gpu; full-depth ours at 16k tokens with room for every activation (ROOMY=0 leaves
+# it out); the kernel table of a whole 24-layer step (also by input shape). SIDE=1 adds ours vs stock
+# vs cookbook at full depth within 60 GiB (about 4 more minutes: leave out the profile then, PROFILE=0).
 # Results: $OUT/results.tgz; a summary is printed last.
 source scripts/gpu/env.sh
 LIMIT=${LIMIT:-560}
