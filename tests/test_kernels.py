@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from gptoss_tune.config import ATTENTIONS
+from gptoss_tune.config import ATTENTIONS, EXPERT_GEMMS
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels import (
     ATTENTION_BACKENDS,
@@ -20,6 +20,9 @@ from gptoss_tune.kernels import (
     GroupedExperts,
     enable_fast_paths,
     make_attention,
+)
+from gptoss_tune.kernels import (
+    EXPERT_GEMMS as KERNEL_EXPERT_GEMMS,
 )
 from gptoss_tune.kernels.attention import (
     FlexAttention,
@@ -30,6 +33,7 @@ from gptoss_tune.kernels.attention import (
     tiles_to_kv_blocks,
 )
 from gptoss_tune.kernels.flash_attention import FlashAttention, document_sequences, flash_window
+from gptoss_tune.kernels.grouped_gemm import ExpertGemm, quack
 from gptoss_tune.kernels.loss import linear_cross_entropy_sum
 from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
 from gptoss_tune.kernels.moe import (
@@ -254,7 +258,7 @@ def test_flash_attention_sequences_and_window_give_the_eager_mask(window, seed) 
 
 
 def test_make_attention_picks_flash_attention_4_only_where_it_is_installed() -> None:
-    assert ATTENTIONS == ATTENTION_BACKENDS  # the config's copy of the names
+    assert ATTENTIONS == ATTENTION_BACKENDS and EXPERT_GEMMS == KERNEL_EXPERT_GEMMS  # the config's copies
     assert isinstance(make_attention("flex", compile=False), FlexAttention)
     with pytest.raises(GptossTuneError, match="Unknown attention backend"):
         make_attention("sdpa")
@@ -290,6 +294,31 @@ def test_sort_by_expert_groups_assignments_and_inverts() -> None:
     assert torch.equal(routing.tokens, routing.order // 2)
     assert routing.offsets.tolist() == [3, 4, 6, 8, 8]
     assert torch.equal(routing.order[routing.inverse], torch.arange(8))
+
+
+def test_expert_gemms_gather_rows_per_expert_and_fall_back_to_grouped_mm_on_a_cpu() -> None:
+    generator = torch.Generator().manual_seed(4)
+    routing = sort_by_expert(torch.randint(0, 5, (40, 2), generator=generator), 6)  # expert 5: no rows
+    assert torch.equal(routing.cu_seqlens, torch.cat([torch.zeros(1, dtype=torch.int32), routing.offsets]))
+    assert routing.tokens_int32.dtype == torch.int32 and torch.equal(
+        routing.tokens_int32.long(), routing.tokens
+    )
+    tokens = torch.randn(40, 16, generator=generator)
+    weights = torch.randn(6, 16, 24, generator=generator)
+    want = torch.empty(80, 24)
+    for row, (token, expert) in enumerate(zip(routing.tokens, routing.experts, strict=True)):
+        want[row] = tokens[token] @ weights[expert]
+    for backend in ("auto", "torch"):  # auto: quack cannot run on a CPU
+        gemm = ExpertGemm(backend)
+        got = gemm(tokens, weights, routing.offsets, routing.cu_seqlens, routing.tokens_int32)
+        assert torch.allclose(got, want, atol=1e-5)
+        rows = tokens.index_select(0, routing.tokens)
+        assert torch.allclose(gemm(rows, weights, routing.offsets, routing.cu_seqlens, None), want, atol=1e-5)
+    with pytest.raises(GptossTuneError, match="Unknown expert GEMM"):
+        ExpertGemm("cublas")
+    if quack() is None:
+        with pytest.raises(GptossTuneError, match="quack-kernels"):
+            ExpertGemm("quack")
 
 
 def test_token_sums_and_slot_grids_match_scatter_adds_and_are_adjoint() -> None:

@@ -332,6 +332,13 @@ def train(
             "is installed and the GPU is an H100/H200/B200, else FlexAttention), flash, or flex."
         ),
     ] = "auto",
+    expert_gemm: Annotated[
+        str,
+        typer.Option(
+            help="The fast paths' base expert GEMMs: auto (quack's where quack-kernels is installed and "
+            "the GPU is an H100/H200, else torch's grouped_mm), quack, or torch."
+        ),
+    ] = "auto",
     gpus: Annotated[
         int, typer.Option(help="Data-parallel processes on this machine (torchrun underneath).")
     ] = 1,
@@ -430,6 +437,13 @@ def bench(
             "FlexAttention), flash, or flex."
         ),
     ] = "auto",
+    expert_gemm: Annotated[
+        str,
+        typer.Option(
+            help="Ours' base expert GEMMs: auto (quack's, which gather token rows as they load, where "
+            "quack-kernels is installed and the GPU is an H100/H200; else torch's grouped_mm), quack, or torch."
+        ),
+    ] = "auto",
     components: Annotated[
         bool, typer.Option(help="Also time experts, attention and loss variants on one layer (CUDA).")
     ] = False,
@@ -507,6 +521,7 @@ def bench(
         loss_chunk_tokens=loss_chunk_tokens,
         stock_checkpointing=stock_checkpointing,
         attention=attention,
+        expert_gemm=expert_gemm,
         peak_tflops=peak_tflops,
         long_context=integers(long_context, "--long-context") if long_context else (),
         seed=seed,

@@ -21,6 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 SHARDINGS = ("ddp", "fsdp")
 KERNELS = ("auto", "fast", "eager")
 ATTENTIONS = ("auto", "flash", "flex")  # gptoss_tune.kernels.ATTENTION_BACKENDS (kept import-light)
+EXPERT_GEMMS = ("auto", "quack", "torch")  # gptoss_tune.kernels.EXPERT_GEMMS
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     memory_budget_gib: float | str | None = None
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
     attention: str = "auto"  # the fast paths' attention: auto (FlashAttention-4 if installed), flash, flex
+    expert_gemm: str = "auto"  # the fast paths' base expert GEMMs: auto (quack if installed), quack, torch
     gpus: int = 1
     sharding: str = "ddp"
     expert_storage: str = "auto"  # auto, mxfp4, bf16: see gptoss_tune.model.mxfp4
@@ -91,6 +93,8 @@ class TrainConfig:
             raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
         if self.attention not in ATTENTIONS:
             raise GptossTuneError(f"Unknown --attention '{self.attention}': use auto, flash or flex.")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            raise GptossTuneError(f"Unknown --expert-gemm '{self.expert_gemm}': use auto, quack or torch.")
         if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)

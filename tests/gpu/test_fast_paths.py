@@ -15,6 +15,7 @@ from torch import nn
 
 import triton_cases
 from gptoss_tune.kernels import (
+    ExpertGemm,
     FlashAttention,
     FlexAttention,
     FusedLinearCrossEntropy,
@@ -23,12 +24,14 @@ from gptoss_tune.kernels import (
     make_attention,
 )
 from gptoss_tune.kernels.attention import kernel_options_for
+from gptoss_tune.kernels.grouped_gemm import quack
 from gptoss_tune.kernels.memory import (
     auto_budget_bytes,
     measure_layer_memory,
     measure_loss_memory,
     plan_activation_checkpointing,
 )
+from gptoss_tune.kernels.moe import sort_by_expert
 from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
@@ -320,6 +323,57 @@ def test_grouped_experts_match_the_eager_loop(
         assert_as_accurate(name, got, baseline, want, dtype)
     for got in actual_grads[2:]:  # experts without tokens get exactly zero adapter gradient
         assert got[used:].abs().max().item() == 0.0
+
+
+needs_quack = pytest.mark.skipif(
+    not torch.cuda.is_available() or quack() is None or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs quack-kernels (pip install 'gptoss-tune[fa4]') on an H100/H200",
+)
+
+
+@needs_quack
+@pytest.mark.parametrize(
+    "inner,width,gather",
+    [(2880, 5760, True), (2880, 2880, False), (2880, 2880, True), (5760, 2880, False)],
+    ids=["gate_up forward", "down forward", "down backward", "gate_up backward"],
+)
+@pytest.mark.parametrize("transposed", [False, True], ids=["weights", "transposed weights"])
+def test_quack_expert_gemms_match_grouped_mm(inner, width, gather, transposed) -> None:
+    """The four base GEMMs at gpt-oss-20b's shapes, with experts that get no row and a gather that
+    reads some tokens twice; the backward ones read the weights transposed."""
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    tokens, experts = 3000, 32
+    routing = sort_by_expert(
+        torch.randint(0, experts - 3, (tokens, 4), generator=generator, device=DEVICE), experts
+    )
+    source = torch.randn(tokens if gather else 4 * tokens, inner, generator=generator, device=DEVICE)
+    weights = torch.randn(experts, width, inner, generator=generator, device=DEVICE).transpose(-2, -1)
+    if not transposed:
+        weights = weights.contiguous()
+    source, weights = source.bfloat16(), (weights / inner**0.5).bfloat16()
+    index = routing.tokens_int32 if gather else None
+    want = ExpertGemm("torch")(source, weights, routing.offsets, routing.cu_seqlens, index)
+    got = ExpertGemm("quack")(source, weights, routing.offsets, routing.cu_seqlens, index)
+    assert got.shape == want.shape == (4 * tokens, width)
+    assert relative_error(got.float(), want.float()) <= 1e-2
+
+
+@needs_quack
+def test_grouped_experts_on_quack_gemms_match_grouped_mm() -> None:
+    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    indices = torch.randint(0, 30, (2048, 4), generator=generator, device=DEVICE)
+    weights = torch.softmax(torch.randn(2048, 4, generator=generator, device=DEVICE), -1).bfloat16()
+    hidden = torch.randn(2048, 2880, generator=generator, device=DEVICE).bfloat16()
+    runs = []
+    for backend in ("torch", "quack"):
+        leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+        grouped = GroupedExperts(compile=True, gemm=ExpertGemm(backend))
+        runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
+    (want, want_grads), (got, got_grads) = runs
+    assert relative_error(got.float(), want.float()) <= 1e-2
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        assert relative_error(got_grad.float(), want_grad.float()) <= 1e-2
 
 
 @pytest.mark.parametrize("with_low_rank", [True, False])

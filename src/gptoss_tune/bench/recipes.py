@@ -63,6 +63,7 @@ class RecipeOptions:
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours: auto, flash or flex (gptoss_tune.kernels.make_attention)
+    expert_gemm: str = "auto"  # ours: auto, quack or torch (gptoss_tune.kernels.ExpertGemm)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class OursRecipe(Recipe):
         self.kernels = kernels
         self.name = "ours" if fast else "ours-eager"
         self.description = (
-            "ours: packed, flex attention + grouped experts + fused loss, selective checkpointing"
+            "ours: packed, flash/flex attention + grouped experts + fused loss, selective checkpointing"
             if fast
             else "ours, eager kernels: packed, every layer checkpointed"
         )
@@ -238,6 +239,7 @@ class OursRecipe(Recipe):
                 compile=self.options.compile,
                 loss_chunk_tokens=self.options.loss_chunk_tokens,
                 attention_backend=self.options.attention,
+                expert_gemm=self.options.expert_gemm,
             )
         else:  # reuse the compiled kernels of an earlier setup
             self.kernels.install(model)

@@ -49,7 +49,7 @@ from gptoss_tune.bench.weights import (
 from gptoss_tune.config import SHARDINGS
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.kernels import ATTENTION_BACKENDS, FastPaths
+from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS, FastPaths
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import LoraOptions
 from gptoss_tune.model.presets import preset_config
@@ -76,6 +76,7 @@ class BenchOptions:
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours' attention: auto, flash or flex
+    expert_gemm: str = "auto"  # ours' base expert GEMMs: auto, quack or torch
     peak_tflops: float | None = None
     long_context: tuple[int, ...] = ()
     seed: int = 0
@@ -103,6 +104,10 @@ class BenchOptions:
         if self.attention not in ATTENTION_BACKENDS:
             raise GptossTuneError(
                 f"Unknown --attention '{self.attention}'; choose {', '.join(ATTENTION_BACKENDS)}."
+            )
+        if self.expert_gemm not in EXPERT_GEMMS:
+            raise GptossTuneError(
+                f"Unknown --expert-gemm '{self.expert_gemm}'; choose {', '.join(EXPERT_GEMMS)}."
             )
         if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")
@@ -381,6 +386,7 @@ class Bench:
             loss_chunk_tokens=self.options.loss_chunk_tokens,
             stock_checkpointing=self.options.stock_checkpointing,
             attention=self.options.attention,
+            expert_gemm=self.options.expert_gemm,
         )
 
     def build_weights(self) -> None:

@@ -25,6 +25,7 @@ import torch
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.kernels.attention import FlexAttention
 from gptoss_tune.kernels.flash_attention import FlashAttention
+from gptoss_tune.kernels.grouped_gemm import EXPERT_GEMMS, ExpertGemm
 from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
 from gptoss_tune.kernels.memory import plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
@@ -36,6 +37,8 @@ ATTENTION_BACKENDS = ("auto", "flash", "flex")
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "EXPERT_GEMMS",
+    "ExpertGemm",
     "FastPaths",
     "FlashAttention",
     "FlexAttention",
@@ -71,7 +74,8 @@ class FastPaths:
             parts.append("flex attention" + (" (compiled)" if self.attention.compiled else ""))
         if self.experts is not None:
             parts.append(
-                "grouped experts" + (" (Triton or compiled epilogues)" if self.experts.compiled else "")
+                f"grouped experts ({self.experts.gemm.describe()}"
+                + (", Triton or compiled epilogues)" if self.experts.compiled else ")")
             )
         if self.projections is not None:
             parts.append("stacked q/k/v projections")
@@ -92,14 +96,16 @@ def enable_fast_paths(
     compile: bool = True,
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     attention_backend: str = "auto",
+    expert_gemm: str = "auto",
 ) -> FastPaths:
     """Swap the model's attention, experts, q/k/v projections and loss for the fast paths (shapes they cannot take
     still go through the eager reference). `compile` applies torch.compile where it pays: the
     FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk, the norms
-    and the rotary embedding. `attention_backend`: see `make_attention`."""
+    and the rotary embedding. `attention_backend`: see `make_attention`; `expert_gemm`: the experts'
+    base GEMMs, auto (quack where installed, on an H100/H200), quack or torch (grouped_mm)."""
     installed = FastPaths(
         attention=make_attention(attention_backend, compile) if attention else None,
-        experts=GroupedExperts(compile=compile) if experts else None,
+        experts=GroupedExperts(compile=compile, gemm=ExpertGemm(expert_gemm)) if experts else None,
         loss=FusedLinearCrossEntropy(loss_chunk_tokens, compile=compile) if loss else None,
         # Automatic dynamic shapes (compiled static first; only a size that changes becomes dynamic):
         # with dynamic=True the hidden and head sizes were symbolic too, and the rotary kernel's

@@ -2,7 +2,8 @@
 
 The eager reference is `gptoss_tune.model.gpt_oss.eager_experts` (a loop over experts). Here the
 N * k (token, expert) assignments are sorted by expert once, and each base projection of every
-expert runs as one grouped GEMM over the sorted rows:
+expert runs as one grouped GEMM over the sorted rows (`grouped_gemm.ExpertGemm`: quack's, which
+gathers token rows as it loads them, where installed on an H100/H200; torch's grouped_mm elsewhere):
 
     gate_up = x W_e + b_e + s * (x A_e) B_e
     act     = clamped SwiGLU(gate_up)
@@ -18,7 +19,7 @@ W + BA is never formed. The low-rank factors take whichever GEMM shape is cheape
     (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
 Moving rows between token order and sorted order never uses atomics: tokens are gathered with
-index_select, and a token's k rows are summed by gathering them into (token, slot) order and
+index_select (or inside quack's GEMM), and a token's k rows are summed by gathering them into (token, slot) order and
 reducing over the slots (`sum_over_slots`); every LoRA grid is written with index_copy into
 distinct (token, expert) slots.
 
@@ -51,23 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptoss_tune.kernels import moe_triton
+from gptoss_tune.kernels.grouped_gemm import ExpertGemm, grouped_mm, grouped_mm_available
 from gptoss_tune.model.gpt_oss import Experts, clamped_swiglu, eager_experts
 from gptoss_tune.model.lora import ExpertLora
 
 SlotSum = Callable[..., Tensor]  # (rows, inverse, top_k, addend=None, out_dtype=None) -> [N, D]
 
 GROUPED_MM_ALIGNMENT_BYTES = 16  # grouped_mm wants every row stride a multiple of 16 bytes
-
-
-def grouped_mm(rows: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
-    """rows [S, K] sorted by group, weights [G, K, N], offsets [G] int32 group ends -> [S, N]."""
-    if hasattr(F, "grouped_mm"):  # torch >= 2.10
-        return F.grouped_mm(rows, weights, offs=offsets)
-    return torch._grouped_mm(rows, weights, offs=offsets)
-
-
-def grouped_mm_available() -> bool:
-    return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
 def _aligned(size: int, dtype: torch.dtype) -> bool:
@@ -97,6 +88,15 @@ class SortedAssignments:
     @property
     def num_experts(self) -> int:
         return self.offsets.numel()
+
+    @cached_property
+    def cu_seqlens(self) -> Tensor:
+        """[E + 1] int32: 0, then each expert's row end (variable-length GEMMs' form of offsets)."""
+        return F.pad(self.offsets, (1, 0))
+
+    @cached_property
+    def tokens_int32(self) -> Tensor:
+        return self.tokens.to(torch.int32)
 
     @cached_property
     def slots(self) -> Tensor:
@@ -393,18 +393,24 @@ class _Layer:
     gate_up: _Adapter | None
     down: _Adapter | None
     epilogues: Epilogues
+    gemm: ExpertGemm
 
     @property
     def offsets(self) -> Tensor:
         return self.routing.offsets
 
+    def base_gemm(self, source: Tensor, weights: Tensor, gather: bool = False) -> Tensor:
+        """A base projection for every sorted row: source is already in sorted order, or with
+        `gather` in token order (each sorted row reads its token's row)."""
+        routing = self.routing
+        index = routing.tokens_int32 if gather else None
+        return self.gemm(source, weights, routing.offsets, routing.cu_seqlens, index)
+
 
 def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Token rows [N, H] -> (pre-activation [S, 2I], activation [S, I], the LoRA's x A_e [S, r'])."""
     experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
-    rows = tokens.index_select(0, routing.tokens)
-    base = grouped_mm(rows, experts.gate_up_weight().to(tokens.dtype), routing.offsets)
-    del rows
+    base = layer.base_gemm(tokens, experts.gate_up_weight().to(tokens.dtype), gather=True)
     inputs = update = None
     if adapter is not None:
         inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
@@ -428,7 +434,7 @@ def _down_forward(
         low_rank = sum_low_rank_outputs(
             inputs * (weights.unsqueeze(-1) * adapter.scaling), adapter.lora_b, routing
         )
-    projected = grouped_mm(activated, experts.down_weight().to(activated.dtype), routing.offsets)
+    projected = layer.base_gemm(activated, experts.down_weight().to(activated.dtype))
     out = layer.epilogues.down(
         projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k,
         low_rank, out_dtype,
@@ -445,10 +451,10 @@ def _down_backward(
     gradient that backward computes anyway."""
     experts, routing, adapter, offsets = layer.experts, layer.routing, layer.down, layer.offsets
     dtype = grad_out.dtype
-    grad_rows = grad_out.index_select(0, routing.tokens)  # dL/dy per sorted row, before the weight
     down_weight = experts.down_weight().to(dtype)
-    grad_base = grouped_mm(grad_rows, down_weight.transpose(-2, -1), offsets)  # (dL/dy) V_e^T
-    del down_weight, grad_rows
+    # (dL/dy) V_e^T per sorted row (dL/dy before the routing weight)
+    grad_base = layer.base_gemm(grad_out, down_weight.transpose(-2, -1), gather=True)
+    del down_weight
     # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
     grad_weights = pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
     grad_low_rank = grad_down_inputs = weight_scale = None
@@ -489,7 +495,7 @@ def _gate_up_backward(
         grad_low_rank = grad_inputs @ all_experts(adapter.lora_a).t()  # added inside the slot sum
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
     gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
-    grad_rows = grouped_mm(grad_pre_activation, gate_up_weight.transpose(-2, -1), offsets)
+    grad_rows = layer.base_gemm(grad_pre_activation, gate_up_weight.transpose(-2, -1))
     del gate_up_weight
     grad_tokens = layer.epilogues.slot_sum(
         grad_rows, routing.inverse, routing.top_k, grad_low_rank, tokens.dtype
@@ -562,11 +568,15 @@ class GroupedExperts:
     weight or bias is trainable (the hand-written backward keeps no gradient for them).
     """
 
-    def __init__(self, compile: bool = True, epilogues: Epilogues | None = None) -> None:
+    def __init__(
+        self, compile: bool = True, epilogues: Epilogues | None = None, gemm: ExpertGemm | None = None
+    ) -> None:
         """`epilogues`: use these on every device instead of choosing (tests run the Triton ones on
-        the CPU under Triton's interpreter)."""
+        the CPU under Triton's interpreter). `gemm`: the base GEMMs (default: quack where it can
+        run, torch's grouped_mm elsewhere; see `grouped_gemm`)."""
         self.compiled = compile
         self.fixed_epilogues = epilogues
+        self.gemm = gemm or ExpertGemm()
         self._epilogues: dict[torch.device, Epilogues] = {}
 
     def epilogues(self, device: torch.device) -> Epilogues:
@@ -604,6 +614,7 @@ class GroupedExperts:
             _Adapter.of(gate_up, dtype),
             _Adapter.of(down, dtype),
             self.epilogues(hidden.device),
+            self.gemm,
         )
         return _LoraExperts.apply(
             hidden.to(dtype), expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype

@@ -235,7 +235,12 @@ def build_model(
 def use_kernels(model: GptOss, config: TrainConfig, device: torch.device) -> None:
     """The GPU fast paths (flex attention, grouped experts, fused loss) unless --kernels eager."""
     if config.kernels == "fast" or (config.kernels == "auto" and device.type == "cuda"):
-        enable_fast_paths(model, compile=device.type == "cuda", attention_backend=config.attention)
+        enable_fast_paths(
+            model,
+            compile=device.type == "cuda",
+            attention_backend=config.attention,
+            expert_gemm=config.expert_gemm,
+        )
 
 
 def expert_storage_label(model: GptOss, dtype: torch.dtype) -> str:
