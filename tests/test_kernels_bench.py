@@ -29,10 +29,12 @@ from gptoss_tune.bench.recipes import (
 from gptoss_tune.bench.report import loss_gap_tolerance, markdown, throughput_table
 from gptoss_tune.bench.run import (
     LOSS_GAP_TOLERANCE,
+    OPTIONAL_KERNEL_PACKAGES,
     Bench,
     BenchOptions,
     RecipeResult,
     compare_token_losses,
+    installed_versions,
     run_guarded,
     with_defaults_for_long_context,
     with_shape_warmup,
@@ -256,6 +258,8 @@ def test_bench_runs_ours_and_the_cookbook_on_a_cpu_and_they_agree(tmp_path) -> N
     recorded = record_file.read_text()
     assert recorded.startswith("# Benchmarks\n\nMethod.\n")
     assert "gptoss-tune bench --preset tiny" in recorded and "| ours-eager | ok |" in recorded
+    assert "Kernels of ours: flex attention, grouped experts (grouped_mm)" in recorded  # no FA4 or quack here
+    assert report["meta"]["kernel_packages"] == installed_versions(OPTIONAL_KERNEL_PACKAGES)
 
 
 def test_bench_bf16_weights_follow_the_seed_and_leave_the_global_generator_alone() -> None:

@@ -92,10 +92,15 @@ def _experts(meta: dict) -> str:
     return f"experts dense {meta['dtype']} (expert storage bf16)"
 
 
+def _kernel_packages(meta: dict) -> str:
+    """ ", flash-attn-4 4.0.0b36, quack-kernels 0.6.5" for the optional kernel packages installed."""
+    return "".join(f", {name} {version}" for name, version in meta.get("kernel_packages", {}).items())
+
+
 def describe_meta(meta: dict) -> str:
     lines = [
         f"{meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), transformers {meta['transformers']}, "
-        f"peft {meta['peft']}; {meta['date']}.",
+        f"peft {meta['peft']}{_kernel_packages(meta)}; {meta['date']}.",
         f"Model: gpt-oss-{meta['preset']} shape, {meta['layers']} layers, random {meta['dtype']} weights, "
         f"{_experts(meta)} ({meta['weights_gib']} GiB); LoRA {meta['lora']}.",
         (
@@ -123,7 +128,10 @@ def describe_meta(meta: dict) -> str:
 def markdown(report: BenchReport) -> str:
     long_context = any(r.length is not None for r in report.results)
     table = long_context_table(report.results) if long_context else throughput_table(report.results)
-    parts = [describe_meta(report.meta), "", table]
+    kernels = [
+        f"Kernels of {r.recipe}: {r.notes['kernels']}." for r in report.results if r.notes.get("kernels")
+    ]
+    parts = [describe_meta(report.meta), *kernels, "", table]
     if report.components:
         parts += ["", components_table(report.components)]
     return "\n".join(parts) + "\n"

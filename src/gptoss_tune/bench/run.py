@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -165,6 +166,20 @@ def bench_config(preset: str, layers: int | None) -> GptOssConfig:
     return config
 
 
+OPTIONAL_KERNEL_PACKAGES = ("flash-attn-4", "quack-kernels", "nvidia-cutlass-dsl")
+
+
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """{package: version} of those installed."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def environment(device: torch.device) -> dict:
     import peft
     import transformers
@@ -177,6 +192,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "kernel_packages": installed_versions(OPTIONAL_KERNEL_PACKAGES),
     }
 
 
