@@ -233,7 +233,7 @@ def build_model(
 
 
 def use_kernels(model: GptOss, config: TrainConfig, device: torch.device) -> None:
-    """The GPU fast paths (flex attention, grouped experts, fused loss) unless --kernels eager."""
+    """The GPU fast paths (attention, grouped experts, fused loss; see enable_fast_paths) unless --kernels eager."""
     if config.kernels == "fast" or (config.kernels == "auto" and device.type == "cuda"):
         enable_fast_paths(
             model,
