@@ -321,7 +321,7 @@ def train(
     kernels: Annotated[
         str,
         typer.Option(
-            help="auto: GPU fast paths (flex attention, grouped-GEMM experts, stacked q/k/v projections, fused "
+            help="auto: GPU fast paths (attention, grouped-GEMM experts, stacked q/k/v projections, fused "
             "loss) on CUDA, eager on CPU; fast: the fast paths on any device; eager: the reference code."
         ),
     ] = "auto",
