@@ -19,9 +19,9 @@ W + BA is never formed. The low-rank factors take whichever GEMM shape is cheape
     (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
 Moving rows between token order and sorted order never uses atomics: tokens are gathered with
-index_select (or inside quack's GEMM), and a token's k rows are summed by gathering them into (token, slot) order and
-reducing over the slots (`sum_over_slots`); every LoRA grid is written with index_copy into
-distinct (token, expert) slots.
+index_select (or inside quack's GEMM), and a token's k rows are summed by gathering them into
+(token, slot) order and reducing over the slots (`sum_over_slots`); every LoRA grid is written with
+index_copy into distinct (token, expert) slots.
 
 Backward is written by hand (`_LoraExperts`) because it can keep much less than autograd would:
 only the token rows, the pre-activation gate_up and two thin low-rank inputs. The SwiGLU is
