@@ -3,7 +3,9 @@
 - `attention.FlexAttention`: FlexAttention with sinks, sliding windows and packed documents.
 - `flash_attention.FlashAttention`: FlashAttention-4's variable-length kernel with sinks, where the
   optional `flash-attn-4` package is installed (sm90 / sm100); FlexAttention takes what it cannot.
-- `moe.GroupedExperts`: grouped-GEMM experts with the LoRA on the low-rank side, fused epilogues.
+- `moe.GroupedExperts`: grouped-GEMM experts with the LoRA on the low-rank side, fused epilogues;
+  its base GEMMs are `grouped_gemm.ExpertGemm`'s (quack's variable-length GEMM, gathering token rows
+  as it loads them, where the optional `quack-kernels` is installed on sm90; torch's grouped_mm else).
 - `projections.StackedProjections`: the query, key and value projections with their LoRAs as one
   GEMM each way.
 - `loss.FusedLinearCrossEntropy`: chunked linear cross-entropy that computes the hidden gradient
