@@ -15,13 +15,13 @@ import yaml
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony.render import DEFAULT_DATE
+from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS
 from gptoss_tune.model.mxfp4 import EXPERT_STORAGES
 
 SCHEDULES = ("cosine", "linear", "constant")
 SHARDINGS = ("ddp", "fsdp")
 KERNELS = ("auto", "fast", "eager")
-ATTENTIONS = ("auto", "flash", "flex")  # gptoss_tune.kernels.ATTENTION_BACKENDS (kept import-light)
-EXPERT_GEMMS = ("auto", "quack", "torch")  # gptoss_tune.kernels.EXPERT_GEMMS
+ATTENTIONS = ATTENTION_BACKENDS  # the --attention values
 
 
 @dataclass
@@ -92,9 +92,11 @@ class TrainConfig:
         if self.kernels not in KERNELS:
             raise GptossTuneError(f"Unknown --kernels '{self.kernels}': use auto, fast or eager.")
         if self.attention not in ATTENTIONS:
-            raise GptossTuneError(f"Unknown --attention '{self.attention}': use auto, flash or flex.")
+            raise GptossTuneError(f"Unknown --attention '{self.attention}': use {', '.join(ATTENTIONS)}.")
         if self.expert_gemm not in EXPERT_GEMMS:
-            raise GptossTuneError(f"Unknown --expert-gemm '{self.expert_gemm}': use auto, quack or torch.")
+            raise GptossTuneError(
+                f"Unknown --expert-gemm '{self.expert_gemm}': use {', '.join(EXPERT_GEMMS)}."
+            )
         if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)

@@ -64,15 +64,20 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # ---------------------------------------------------------------------------------------------------
 
 
+def document_starts(documents: Tensor) -> Tensor:
+    """[B, T] bool: the token starts a document (every row's first token does)."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts
+
+
 def first_visible_keys(documents: Tensor, sliding_window: int | None) -> Tensor:
     """[B, T] the lowest key index each query may see: its document's first token, or with a window
     the later of that and the window's first key. Documents are contiguous, so with causality this
     bound alone decides visibility (`lower_bound_mask_mod`)."""
     length = documents.shape[1]
     positions = torch.arange(length, device=documents.device)
-    starts_document = torch.ones_like(documents, dtype=torch.bool)
-    starts_document[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    first = torch.where(starts_document, positions, 0).cummax(dim=1).values
+    first = torch.where(document_starts(documents), positions, 0).cummax(dim=1).values
     if sliding_window is not None:
         first = torch.maximum(first, positions - (sliding_window - 1))
     return first

@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from gptoss_tune.kernels.attention import document_starts
 from gptoss_tune.model.gpt_oss import AttentionFn, eager_attention
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -43,11 +44,11 @@ def flash_attention_4() -> ModuleType | None:
 def document_sequences(documents: Tensor) -> tuple[Tensor, int]:
     """Per-token document ids [B, T] -> (cu_seqlens [n + 1] int32 over the flattened B * T tokens,
     the longest document's length). Documents are contiguous; each row starts a new one."""
-    batch, length = documents.shape
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     boundaries = torch.cat(
-        [starts.flatten().nonzero().flatten(), torch.tensor([batch * length], device=documents.device)]
+        [
+            document_starts(documents).flatten().nonzero().flatten(),
+            torch.tensor([documents.numel()], device=documents.device),
+        ]
     )
     longest = int(boundaries.diff().max())
     return boundaries.to(torch.int32), longest
@@ -71,10 +72,6 @@ class FlashAttention:
         self.fallback = fallback
         self._documents: Tensor | None = None
         self._sequences: tuple[Tensor, int] | None = None
-
-    @property
-    def compiled(self) -> bool:  # FastPaths.describe: FlashAttention-4 is compiled by its own JIT
-        return True
 
     @staticmethod
     def available() -> bool:

@@ -52,6 +52,7 @@ def quack() -> SimpleNamespace | None:
     return SimpleNamespace(gemm=gemm_tuned.fn, GemmConfig=GemmConfig)
 
 
+@functools.cache
 def quack_config(inner: int, width: int):
     """The measured sm90 configuration for a [S, inner] x [inner, width] GEMM."""
     if inner > width:  # the gate_up input gradient
