@@ -314,11 +314,13 @@ def test_expert_gemms_gather_rows_per_expert_and_fall_back_to_grouped_mm_on_a_cp
         assert torch.allclose(got, want, atol=1e-5)
         rows = tokens.index_select(0, routing.tokens)
         assert torch.allclose(gemm(rows, weights, routing.offsets, routing.cu_seqlens, None), want, atol=1e-5)
+        assert not gemm.fuses(tokens.bfloat16())  # the fused SwiGLU epilogues are quack's, on a GPU
     with pytest.raises(GptossTuneError, match="Unknown expert GEMM"):
         ExpertGemm("cublas")
     if quack() is None:
-        with pytest.raises(GptossTuneError, match="quack-kernels"):
-            ExpertGemm("quack")
+        for backend in ("quack", "quack-unfused"):
+            with pytest.raises(GptossTuneError, match="quack-kernels"):
+                ExpertGemm(backend)
 
 
 def test_token_sums_and_slot_grids_match_scatter_adds_and_are_adjoint() -> None:

@@ -4,24 +4,24 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 W=$OUT/w
 mkdir -p "$W"
-if [ ! -f /tmp/site/.installed ]; then  # once per machine: scripts may source this file again
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if [ ! -f /tmp/py/site-packages/.installed ]; then  # once per machine: scripts may source this file again
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/py/site-packages .whl/*.whl \
     || { echo "wheel install failed: run ../shared/device/wheels.sh and carry .whl"; exit 1; }
-  touch /tmp/site/.installed
+  touch /tmp/py/site-packages/.installed
 fi
-if [ -d .fa4b ] && [ ! -f /tmp/site/.fa4 ]; then  # FlashAttention-4, carried in two calls (fa4_bundle.sh)
+if [ -d .fa4b ] && [ ! -f /tmp/py/site-packages/.fa4 ]; then  # FlashAttention-4, carried in two calls (fa4_bundle.sh)
   if [ -f /tmp/fa4/cu13.tar.xz.part1 ]; then
     # the wheels first: pip --upgrade --target replaces the nvidia_cutlass_dsl folder the compiler joins
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/py/site-packages \
         .fa4b/*.whl \
       && cat /tmp/fa4/cu13.tar.xz.part1 .fa4b/cu13.tar.xz.part2 \
-      | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site')" \
-      && touch /tmp/site/.fa4
+      | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/py/site-packages')" \
+      && touch /tmp/py/site-packages/.fa4
   else
     echo "FlashAttention-4 not installed: part one is missing (run scripts/gpu/fa4_stage.sh in the call before)"
   fi
 fi
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src
+export PYTHONPATH=/tmp/py/site-packages:/tmp/py/site-packages/nvidia_cutlass_dsl/dsl_packages:$PWD/src
 export TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # runs of one call share compiled kernels
 {

@@ -24,7 +24,7 @@ from gptoss_tune.kernels import (
     make_attention,
 )
 from gptoss_tune.kernels.attention import kernel_options_for
-from gptoss_tune.kernels.grouped_gemm import quack
+from gptoss_tune.kernels.grouped_gemm import quack, quack_moe
 from gptoss_tune.kernels.memory import (
     auto_budget_bytes,
     measure_layer_memory,
@@ -380,6 +380,77 @@ def test_grouped_experts_on_quack_gemms_are_as_accurate_as_on_grouped_mm() -> No
     names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
     for name, got, baseline, want in zip(names, quack_grads, grouped_mm_grads, truth[1], strict=True):
         assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+
+
+needs_quack_moe = pytest.mark.skipif(
+    not torch.cuda.is_available() or quack_moe() is None or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs quack-kernels with its epilogue frontend on an H100/H200",
+)
+
+
+@needs_quack_moe
+@pytest.mark.parametrize("rank", [8, 3])
+def test_fused_swiglu_epilogues_are_as_accurate_as_the_triton_ones(rank) -> None:
+    """quack's GEMMs with the SwiGLU epilogues fused vs with the Triton ones, both against the fp32
+    eager loop, at gpt-oss-20b's expert shape; some experts get no row (rank 3 is padded to 8)."""
+    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, rank)
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
+    indices = torch.randint(0, 29, (3000, 4), generator=generator, device=DEVICE)
+    weights = torch.softmax(torch.randn(3000, 4, generator=generator, device=DEVICE), -1).bfloat16()
+    hidden = torch.randn(3000, 2880, generator=generator, device=DEVICE).bfloat16()
+    runs = []
+    for fuse in (False, True):
+        gemm = ExpertGemm("quack", fuse_epilogues=fuse)
+        assert gemm.fuses(hidden) == fuse
+        leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+        grouped = GroupedExperts(compile=True, gemm=gemm)
+        runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
+    truth_hidden, truth_weights = as_fp32_leaves([hidden, weights], 2)
+    truth = experts_and_grads(
+        eager_experts, copy.deepcopy(experts).float(), truth_hidden, indices, truth_weights, torch.float32
+    )
+    (on_triton, triton_grads), (fused, fused_grads) = runs
+    assert_as_accurate("output", fused, on_triton, truth[0], torch.bfloat16)
+    names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
+    for name, got, baseline, want in zip(names, fused_grads, triton_grads, truth[1], strict=True):
+        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+    for got in fused_grads[2:]:  # experts without rows get exactly zero adapter gradient
+        assert got[29:].abs().max().item() == 0.0
+
+
+@needs_quack_moe
+def test_fused_swiglu_epilogues_without_adapters() -> None:
+    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
+    experts.gate_up_lora = experts.down_lora = None
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    indices = torch.randint(0, 32, (2000, 4), generator=generator, device=DEVICE)
+    weights = torch.softmax(torch.randn(2000, 4, generator=generator, device=DEVICE), -1).bfloat16()
+    hidden = torch.randn(2000, 2880, generator=generator, device=DEVICE).bfloat16()
+    grad = torch.randn(2000, 2880, generator=generator, device=DEVICE).bfloat16()
+    runs = []
+    for fuse in (False, True):
+        leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+        out = GroupedExperts(compile=True, gemm=ExpertGemm("quack", fuse_epilogues=fuse))(
+            experts, leaves[0], indices, leaves[1]
+        )
+        runs.append((out, *torch.autograd.grad(out, leaves, grad)))
+    truth_leaves = as_fp32_leaves([hidden, weights], 2)
+    truth_out = eager_experts(copy.deepcopy(experts).float(), truth_leaves[0], indices, truth_leaves[1])
+    truth = (truth_out, *torch.autograd.grad(truth_out, truth_leaves, grad.float()))
+    for name, got, baseline, want in zip(
+        ("output", "hidden", "routing weights"), runs[1], runs[0], truth, strict=True
+    ):
+        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+
+
+def test_fused_swiglu_epilogues_only_where_quack_runs() -> None:
+    if quack_moe() is None:
+        pytest.skip("needs quack-kernels with its epilogue frontend")
+    rows = torch.zeros(8, 2880, dtype=torch.bfloat16, device=DEVICE)
+    assert ExpertGemm("quack").fuses(rows) == (torch.cuda.get_device_capability() == (9, 0))
+    assert not ExpertGemm("quack").fuses(rows.float())
+    assert not ExpertGemm("quack", fuse_epilogues=False).fuses(rows)
+    assert not ExpertGemm("torch").fuses(rows)
 
 
 @pytest.mark.parametrize("with_low_rank", [True, False])

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gptoss_tune.errors import GptossTuneError
 
-EXPERT_GEMMS = ("auto", "quack", "torch")
+EXPERT_GEMMS = ("auto", "quack", "quack-unfused", "torch")
 
 
 def grouped_mm(rows: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
@@ -53,6 +53,19 @@ def quack() -> SimpleNamespace | None:
 
 
 @functools.cache
+def quack_moe():
+    """`kernels.quack_moe` (the GEMMs with the SwiGLU epilogues fused), or None where quack's
+    epilogue mods do not import."""
+    if quack() is None:
+        return None
+    try:
+        from gptoss_tune.kernels import quack_moe as module
+    except Exception:  # noqa: BLE001 - an older quack without the epilogue frontend
+        return None
+    return module
+
+
+@functools.cache
 def quack_config(inner: int, width: int):
     """The measured sm90 configuration for a [S, inner] x [inner, width] GEMM."""
     if inner > width:  # the gate_up input gradient
@@ -70,34 +83,56 @@ def _sixteen_byte_strides(tensor: Tensor) -> bool:
     return 1 in strides[-2:] and all(s == 1 or (s * tensor.element_size()) % 16 == 0 for s in strides)
 
 
+def _quack_runs_on(source: Tensor) -> bool:
+    """quack is installed and measured for bf16 rows on this GPU (an H100/H200: sm90)."""
+    return (
+        source.is_cuda
+        and source.dtype == torch.bfloat16
+        and quack() is not None
+        and torch.cuda.get_device_capability(source.device) == (9, 0)
+    )
+
+
 class ExpertGemm:
     """Runs `source[index] @ weights[e]` for the rows of each expert (`index`: the source row of
     each sorted assignment, or None when `source` already holds the sorted rows).
 
-    `backend`: auto (quack where it can run, else torch), quack (an error where it cannot), torch.
+    `backend`: auto (quack where it can run, else torch), quack (an error where it cannot),
+    quack-unfused (quack without `fuse_epilogues`), torch. `fuse_epilogues`: where quack runs, also
+    add the bias and the LoRA term and apply the SwiGLU inside the gate_up forward's GEMM
+    (`quack_moe`) instead of in a separate Triton pass.
     """
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(self, backend: str = "auto", fuse_epilogues: bool = True) -> None:
         if backend not in EXPERT_GEMMS:
             raise GptossTuneError(f"Unknown expert GEMM backend '{backend}': use {', '.join(EXPERT_GEMMS)}.")
-        if backend == "quack" and quack() is None:
+        if backend.startswith("quack") and quack() is None:
             raise GptossTuneError(
-                "--expert-gemm quack needs quack-kernels: pip install 'gptoss-tune[fa4]' (it comes with flash-attn-4)."
+                f"--expert-gemm {backend} needs quack-kernels: pip install 'gptoss-tune[fa4]' (it comes with "
+                "flash-attn-4)."
             )
-        self.backend = backend
+        self.fuse_epilogues = fuse_epilogues and backend != "quack-unfused"
+        self.backend = "quack" if backend == "quack-unfused" else backend
 
     def describe(self) -> str:
         if self.backend != "torch" and quack() is not None:
-            return "quack GEMMs on sm90, else grouped_mm" if self.backend == "auto" else "quack GEMMs"
+            fused = " (gate_up with its SwiGLU epilogue fused)" if self.fuse_epilogues and quack_moe() else ""
+            where = " on sm90, else grouped_mm" if self.backend == "auto" else ""
+            return f"quack GEMMs{fused}{where}"
         return "grouped_mm"
+
+    def fuses(self, source: Tensor) -> bool:
+        """Whether the gate_up forward runs with its epilogue fused (`quack_moe`) for bf16 expert
+        weights and these token rows."""
+        if self.backend == "torch" or not self.fuse_epilogues or quack_moe() is None:
+            return False
+        return _quack_runs_on(source) and _sixteen_byte_strides(source)
 
     @staticmethod
     def quack_can_run(source: Tensor, weights: Tensor) -> bool:
         return (
-            source.is_cuda
-            and source.dtype == weights.dtype == torch.bfloat16
-            and quack() is not None
-            and torch.cuda.get_device_capability(source.device) == (9, 0)
+            _quack_runs_on(source)
+            and weights.dtype == torch.bfloat16
             and _sixteen_byte_strides(source)
             and _sixteen_byte_strides(weights)
         )

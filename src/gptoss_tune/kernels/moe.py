@@ -52,7 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptoss_tune.kernels import moe_triton
-from gptoss_tune.kernels.grouped_gemm import ExpertGemm, grouped_mm, grouped_mm_available
+from gptoss_tune.kernels.grouped_gemm import (
+    ExpertGemm,
+    grouped_mm,
+    grouped_mm_available,
+    quack_config,
+    quack_moe,
+)
 from gptoss_tune.model.gpt_oss import Experts, clamped_swiglu, eager_experts
 from gptoss_tune.model.lora import ExpertLora
 
@@ -394,6 +400,7 @@ class _Layer:
     down: _Adapter | None
     epilogues: Epilogues
     gemm: ExpertGemm
+    fused: bool  # the gate_up forward with bias, LoRA term and SwiGLU in quack's GEMM (`quack_moe`)
 
     @property
     def offsets(self) -> Tensor:
@@ -410,11 +417,20 @@ class _Layer:
 def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Token rows [N, H] -> (pre-activation [S, 2I], activation [S, I], the LoRA's x A_e [S, r'])."""
     experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
-    base = layer.base_gemm(tokens, experts.gate_up_weight().to(tokens.dtype), gather=True)
-    inputs = update = None
-    if adapter is not None:
-        inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
-        update = LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets)
+    weights = experts.gate_up_weight().to(tokens.dtype)
+    inputs = low_rank_inputs(tokens, adapter.lora_a, routing) if adapter is not None else None
+    if layer.fused:  # the LoRA term as the GEMM's addend: s (x A_e) B_e from a thin grouped GEMM
+        addend = grouped_mm(inputs * adapter.scaling, adapter.lora_b, routing.offsets) if adapter else None
+        pre_activation, activated = quack_moe().gate_up_swiglu(
+            tokens, routing.tokens_int32, weights, experts.gate_up_proj_bias, routing.cu_seqlens, addend,
+            experts.alpha, experts.limit, quack_config(*weights.shape[-2:]),
+        )  # fmt: skip
+        return pre_activation, activated, inputs
+    base = layer.base_gemm(tokens, weights, gather=True)
+    del weights
+    update = (
+        LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets) if adapter is not None else None
+    )
     pre_activation, activated = layer.epilogues.gate_up(
         base, experts.gate_up_proj_bias, routing.experts, update,
         adapter.scaling if adapter else 0.0, experts.alpha, experts.limit,
@@ -608,14 +624,10 @@ class GroupedExperts:
             return eager_experts(experts, hidden, expert_indices, expert_weights)
         routing = sort_by_expert(expert_indices, experts.num_experts)
         gate_up, down = _adapter(experts.gate_up_lora), _adapter(experts.down_lora)
-        layer = _Layer(
-            experts,
-            routing,
-            _Adapter.of(gate_up, dtype),
-            _Adapter.of(down, dtype),
-            self.epilogues(hidden.device),
-            self.gemm,
-        )
+        adapters = _Adapter.of(gate_up, dtype), _Adapter.of(down, dtype)
+        tokens = hidden.to(dtype)
+        fused = self.gemm.fuses(tokens)
+        layer = _Layer(experts, routing, *adapters, self.epilogues(hidden.device), self.gemm, fused)
         return _LoraExperts.apply(
-            hidden.to(dtype), expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype
+            tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype
         )
