@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One x2 call: a 200-step run with the fast paths and one with the eager reference kernels, side by
-# side (one GPU each, from FIRST_GPU, default 0), same 2-layer 20b-shaped random model and data; the curves must track.
+# side (one GPU each, from FIRST_GPU, default 0; SAME_GPU=1: both on that one, for a single-H200 call), same
+# 2-layer 20b-shaped random model and data; the curves must track.
 # Writes $OUT/metrics-fast.jsonl, $OUT/metrics-eager.jsonl and prints the comparison.
 source scripts/gpu/env.sh
 LIMIT=${LIMIT:-170}
@@ -15,7 +16,7 @@ for kernels in fast eager; do
   CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" python3 -m gptoss_tune train --model /tmp/m2 --data /tmp/d.jsonl \
     --output "/tmp/run-$kernels" --kernels "$kernels" --expert-storage bf16 --max-steps 200 \
     --tokens-per-batch 4096 --lr 1e-3 --warmup-ratio 0 --log-every 1 > "$OUT/train-$kernels.log" 2>&1 &
-  gpu=$((gpu + 1))
+  [ "${SAME_GPU:-0}" = 1 ] || gpu=$((gpu + 1))
 done
 wait
 for kernels in fast eager; do cp "/tmp/run-$kernels/metrics.jsonl" "$OUT/metrics-$kernels.jsonl" 2>/dev/null; done
