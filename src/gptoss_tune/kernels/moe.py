@@ -14,7 +14,8 @@ W + BA is never formed. The low-rank factors take whichever GEMM shape is cheape
   - x A_e for every expert at once is one dense GEMM over the N tokens ([N, H] x [H, E*r]), before
     the rows are gathered; each assignment then picks its expert's r columns;
   - (x A_e) B_e is per assignment (the SwiGLU follows): an r-term sum the gate_up epilogue adds
-    in registers (`LowRank`; the references run it as a thin grouped GEMM);
+    in registers (`LowRank`; the references run it as a thin grouped GEMM, and so does the fused
+    quack path, whose gate_up GEMM takes the product as its addend);
   - act A'_e is a thin grouped GEMM; the routing-weighted sum over a token's experts of
     (act A'_e) B'_e is one dense GEMM of a per-token [E*r] grid (zeros except the token's k
     experts) with all of B' ([E*r, H]).
@@ -32,8 +33,10 @@ less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into
 layers. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
 
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
-"epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere. No host synchronization: expert
-offsets come from a searchsorted on the sorted ids.
+"epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere.
+Where quack runs the GEMMs, the gate_up forward's epilogue is inside quack's GEMM instead
+(`quack_moe`; `ExpertGemm.fuses`). No host synchronization: expert offsets come from a
+searchsorted on the sorted ids.
 
 Weights are read only through `Experts.gate_up_weight()` / `Experts.down_weight()`, so storage
 (plain bf16, MXFP4 dequantized on the fly) is the `Experts` module's business. Backward fetches
