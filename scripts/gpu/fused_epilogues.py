@@ -1,8 +1,9 @@
 """One gpt-oss-20b expert layer at 16k tokens (top-4 of 32, skewed routing), LoRA r=8, forward +
-backward on quack's GEMMs: the SwiGLU epilogues as Triton passes (`--expert-gemm quack` before) vs
-fused into the gate_up forward and down backward GEMMs (`kernels.quack_moe`). Prints each path's
-time, and how far the fused path's output and gradients are from the Triton path's (relative to
-their largest value); then the fused GEMMs alone under a few quack configurations.
+backward on quack's GEMMs: the gate_up epilogue (bias, LoRA term, SwiGLU) as a Triton pass
+(`--expert-gemm quack-unfused`) vs inside the gate_up GEMM (`kernels.quack_moe`, what `quack` runs).
+Prints each path's time, and how far the fused path's output and gradients are from the Triton
+path's (relative to their largest value); then the fused GEMM alone under a few quack
+configurations, beside what it replaces.
 
 A design measurement: `python3 scripts/gpu/fused_epilogues.py`.
 """
@@ -52,11 +53,9 @@ def inputs(hidden_size: int):
     return hidden, indices, weights, grad
 
 
-def sweep_configs(
-    experts: Experts, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
-) -> None:
-    """The fused GEMMs alone under a few configurations (each one a JIT compile), beside what they
-    replace: quack's plain GEMM + the Triton epilogue, and the thin grouped GEMM of the addend."""
+def sweep_configs(experts: Experts, hidden: torch.Tensor, indices: torch.Tensor) -> None:
+    """The fused gate_up GEMM alone under a few configurations (each one a JIT compile), beside what
+    it replaces (quack's plain GEMM + the Triton epilogue) and the thin grouped GEMM of its addend."""
     from gptoss_tune.kernels import moe_triton
     from gptoss_tune.kernels.grouped_gemm import grouped_mm
 
@@ -65,11 +64,8 @@ def sweep_configs(
     rows = routing.tokens.numel()
     generator = torch.Generator("cuda").manual_seed(2)
     gate_up_w, bias = experts.gate_up_weight(), experts.gate_up_proj_bias
-    down_t = experts.down_weight().transpose(-2, -1)
     low_rank_in = torch.randn(rows, 8, generator=generator, device="cuda").bfloat16()
     factor_b = (torch.randn(32, 8, gate_up_w.shape[-1], generator=generator, device="cuda") * 0.02).bfloat16()
-    preact = torch.randn(rows, gate_up_w.shape[-1], generator=generator, device="cuda").bfloat16()
-    score = weights.reshape(-1)[routing.order]
     gemm = ExpertGemm("quack", fuse_epilogues=False)
     low_rank = LowRank(low_rank_in, factor_b, routing.experts, routing.offsets)
     addend = grouped_mm(low_rank_in, factor_b, routing.offsets)
@@ -80,15 +76,8 @@ def sweep_configs(
             base, bias, routing.experts, low_rank, 2.0, experts.alpha, experts.limit
         )
 
-    def before_down_backward():
-        base = gemm(hidden, down_t, routing.offsets, routing.cu_seqlens, routing.tokens_int32)
-        return moe_triton.activation_backward_epilogue(
-            preact, base, None, score, experts.alpha, experts.limit
-        )
-
     for label, call in (
         ("before: gate_up GEMM + Triton epilogue (LoRA in registers)", before_gate_up),
-        ("before: down backward GEMM + Triton activation backward (no LoRA)", before_down_backward),
         (
             "addend: thin grouped GEMM [S, 8] x [E, 8, 2I]",
             lambda: grouped_mm(low_rank_in, factor_b, routing.offsets),
@@ -104,9 +93,6 @@ def sweep_configs(
         cases = [
             ("gate_up forward + addend", lambda c=config: fused.gate_up_swiglu(
                 hidden, routing.tokens_int32, gate_up_w, bias, routing.cu_seqlens, addend,
-                experts.alpha, experts.limit, c)),
-            ("down backward", lambda c=config: fused.down_backward_swiglu(
-                hidden, routing.tokens_int32, down_t, preact, score, routing.cu_seqlens,
                 experts.alpha, experts.limit, c)),
         ]  # fmt: skip
         if name.startswith("128x192"):
@@ -152,7 +138,7 @@ def main() -> None:
     names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
     for name, g, w in zip(names, got_grads, want_grads, strict=True):
         print(f"{name}: {relative(g, w):.2e}")
-    sweep_configs(experts, hidden, indices, weights)
+    sweep_configs(experts, hidden, indices)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def quack() -> SimpleNamespace | None:
 
 @functools.cache
 def quack_moe():
-    """`kernels.quack_moe` (the GEMMs with the SwiGLU epilogues fused), or None where quack's
-    epilogue mods do not import."""
+    """`kernels.quack_moe` (the gate_up GEMM with its epilogue fused), or None where quack's
+    epilogue frontend does not import."""
     if quack() is None:
         return None
     try:

@@ -13,7 +13,7 @@ The LoRA term s (x A_e) B_e comes in as the GEMM's addend (C), computed by one t
 0.34 ms for the addend (3.20 ms without an adapter). Rank-8 LoRA terms done in the epilogue itself
 (8 per-row and 8 per-expert vectors) ran at 7.5 ms with 128 x 192 tiles (3.9 ms with 128 x 128),
 and the down projection's backward with the SwiGLU backward fused was no faster than the GEMM plus
-the Triton pass (2.10 against 2.15 ms): neither is used.
+the Triton pass (2.10 against 2.15 ms): neither was kept.
 
 The reference is `gate_up_epilogue` in `kernels.moe` (tests/gpu compares the whole experts with and
 without this, and with the fp32 eager loop). One difference in rounding: the activation here comes
