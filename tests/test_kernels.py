@@ -314,7 +314,7 @@ def test_expert_gemms_gather_rows_per_expert_and_fall_back_to_grouped_mm_on_a_cp
         assert torch.allclose(got, want, atol=1e-5)
         rows = tokens.index_select(0, routing.tokens)
         assert torch.allclose(gemm(rows, weights, routing.offsets, routing.cu_seqlens, None), want, atol=1e-5)
-        assert not gemm.fuses(tokens.bfloat16())  # the fused SwiGLU epilogues are quack's, on a GPU
+        assert not gemm.fuses(tokens.bfloat16())  # the fused gate_up epilogue is quack's, on a GPU
     with pytest.raises(GptossTuneError, match="Unknown expert GEMM"):
         ExpertGemm("cublas")
     if quack() is None:

@@ -390,9 +390,10 @@ needs_quack_moe = pytest.mark.skipif(
 
 @needs_quack_moe
 @pytest.mark.parametrize("rank", [8, 3])
-def test_fused_swiglu_epilogues_are_as_accurate_as_the_triton_ones(rank) -> None:
-    """quack's GEMMs with the SwiGLU epilogues fused vs with the Triton ones, both against the fp32
-    eager loop, at gpt-oss-20b's expert shape; some experts get no row (rank 3 is padded to 8)."""
+def test_fused_gate_up_epilogue_is_as_accurate_as_the_triton_one(rank) -> None:
+    """quack's gate_up GEMM with the bias, LoRA addend and SwiGLU in its epilogue vs the Triton
+    epilogue, both against the fp32 eager loop, at gpt-oss-20b's expert shape; some experts get no
+    row (rank 3 is padded to 8)."""
     experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, rank)
     generator = torch.Generator(device=DEVICE).manual_seed(4)
     indices = torch.randint(0, 29, (3000, 4), generator=generator, device=DEVICE)
@@ -419,7 +420,7 @@ def test_fused_swiglu_epilogues_are_as_accurate_as_the_triton_ones(rank) -> None
 
 
 @needs_quack_moe
-def test_fused_swiglu_epilogues_without_adapters() -> None:
+def test_fused_gate_up_epilogue_without_adapters() -> None:
     experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
     experts.gate_up_lora = experts.down_lora = None
     generator = torch.Generator(device=DEVICE).manual_seed(5)
@@ -443,13 +444,14 @@ def test_fused_swiglu_epilogues_without_adapters() -> None:
         assert_as_accurate(name, got, baseline, want, torch.bfloat16)
 
 
-def test_fused_swiglu_epilogues_only_where_quack_runs() -> None:
+def test_fused_gate_up_epilogue_only_where_quack_runs() -> None:
     if quack_moe() is None:
         pytest.skip("needs quack-kernels with its epilogue frontend")
     rows = torch.zeros(8, 2880, dtype=torch.bfloat16, device=DEVICE)
     assert ExpertGemm("quack").fuses(rows) == (torch.cuda.get_device_capability() == (9, 0))
     assert not ExpertGemm("quack").fuses(rows.float())
     assert not ExpertGemm("quack", fuse_epilogues=False).fuses(rows)
+    assert not ExpertGemm("quack-unfused").fuses(rows)
     assert not ExpertGemm("torch").fuses(rows)
 
 

@@ -423,7 +423,11 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
     weights = experts.gate_up_weight().to(tokens.dtype)
     inputs = low_rank_inputs(tokens, adapter.lora_a, routing) if adapter is not None else None
     if layer.fused:  # the LoRA term as the GEMM's addend: s (x A_e) B_e from a thin grouped GEMM
-        addend = grouped_mm(inputs * adapter.scaling, adapter.lora_b, routing.offsets) if adapter else None
+        addend = (
+            grouped_mm(inputs * adapter.scaling, adapter.lora_b, routing.offsets)
+            if adapter is not None
+            else None
+        )
         pre_activation, activated = quack_moe().gate_up_swiglu(
             tokens, routing.tokens_int32, weights, experts.gate_up_proj_bias, routing.cu_seqlens, addend,
             experts.alpha, experts.limit, quack_config(*weights.shape[-2:]),
