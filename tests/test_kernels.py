@@ -318,7 +318,7 @@ def test_expert_gemms_gather_rows_per_expert_and_fall_back_to_grouped_mm_on_a_cp
     with pytest.raises(GptossTuneError, match="Unknown expert GEMM"):
         ExpertGemm("cublas")
     if quack() is None:
-        for backend in ("quack", "quack-unfused"):
+        for backend in ("quack", "quack-fused"):
             with pytest.raises(GptossTuneError, match="quack-kernels"):
                 ExpertGemm(backend)
 

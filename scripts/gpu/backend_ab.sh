@@ -6,7 +6,7 @@
 # 60 GiB while time is left. Results: $OUT/results.tgz; a summary is printed last.
 #   OPTION=--attention VALUES="flash flex" TESTS="attention" bash scripts/gpu/backend_ab.sh
 #   OPTION=--expert-gemm VALUES="quack torch" TESTS="quack or experts" bash scripts/gpu/backend_ab.sh
-#   OPTION=--expert-gemm VALUES="quack quack-unfused" TESTS="fused or quack or experts" bash scripts/gpu/backend_ab.sh
+#   OPTION=--expert-gemm VALUES="quack-fused quack" TESTS="fused or quack or experts" bash scripts/gpu/backend_ab.sh
 source scripts/gpu/env.sh
 LIMIT=${LIMIT:-560}
 deadline=$(( $(date +%s) + LIMIT ))

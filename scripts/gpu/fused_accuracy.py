@@ -61,7 +61,7 @@ def main() -> None:
             eager_experts, copy.deepcopy(experts).float(), hidden, indices, weights, grad, torch.float32
         )
         for label, fuse in (("triton", False), ("fused", True)):
-            fn = GroupedExperts(compile=True, gemm=ExpertGemm("quack", fuse_epilogues=fuse))
+            fn = GroupedExperts(compile=True, gemm=ExpertGemm("quack-fused" if fuse else "quack"))
             got = run(fn, experts, hidden, indices, weights, grad, torch.bfloat16)
             errors = ", ".join(f"{n} {error(g, t):.2e}" for n, g, t in zip(NAMES, got, truth, strict=True))
             print(f"seed {seed} {label}: {errors}", flush=True)

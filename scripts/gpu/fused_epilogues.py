@@ -1,6 +1,6 @@
 """One gpt-oss-20b expert layer at 16k tokens (top-4 of 32, skewed routing), LoRA r=8, forward +
 backward on quack's GEMMs: the gate_up epilogue (bias, LoRA term, SwiGLU) as a Triton pass
-(`--expert-gemm quack-unfused`) vs inside the gate_up GEMM (`kernels.quack_moe`, what `quack` runs).
+(`--expert-gemm quack`) vs inside the gate_up GEMM (`kernels.quack_moe`, `--expert-gemm quack-fused`).
 Prints each path's time, and how far the fused path's output and gradients are from the Triton
 path's (relative to their largest value); then the fused GEMM alone under a few quack
 configurations, beside what it replaces.
@@ -66,7 +66,7 @@ def sweep_configs(experts: Experts, hidden: torch.Tensor, indices: torch.Tensor)
     gate_up_w, bias = experts.gate_up_weight(), experts.gate_up_proj_bias
     low_rank_in = torch.randn(rows, 8, generator=generator, device="cuda").bfloat16()
     factor_b = (torch.randn(32, 8, gate_up_w.shape[-1], generator=generator, device="cuda") * 0.02).bfloat16()
-    gemm = ExpertGemm("quack", fuse_epilogues=False)
+    gemm = ExpertGemm("quack")
     low_rank = LowRank(low_rank_in, factor_b, routing.experts, routing.offsets)
     addend = grouped_mm(low_rank_in, factor_b, routing.offsets)
 
@@ -116,7 +116,7 @@ def main() -> None:
     hidden, indices, weights, grad = inputs(experts.down_proj_bias.shape[-1])
     results = {}
     for name, fuse in (("triton epilogues", False), ("fused", True)):
-        fn = GroupedExperts(compile=True, gemm=ExpertGemm("quack", fuse_epilogues=fuse))
+        fn = GroupedExperts(compile=True, gemm=ExpertGemm("quack-fused" if fuse else "quack"))
         leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
         adapters = [experts.gate_up_lora.lora_A, experts.gate_up_lora.lora_B]
         adapters += [experts.down_lora.lora_A, experts.down_lora.lora_B]

@@ -336,9 +336,8 @@ def train(
         str,
         typer.Option(
             help="The fast paths' base expert GEMMs: auto (quack's where quack-kernels is installed and "
-            "the GPU is an H100/H200, the gate_up one with the bias, LoRA term and SwiGLU in its epilogue; "
-            "else torch's grouped_mm), quack, quack-unfused (quack's, the SwiGLU a separate Triton pass), "
-            "or torch."
+            "the GPU is an H100/H200, else torch's grouped_mm), quack, quack-fused (quack's, the gate_up one "
+            "with the bias, LoRA term and SwiGLU in its epilogue; experimental), or torch."
         ),
     ] = "auto",
     gpus: Annotated[
@@ -442,10 +441,10 @@ def bench(
     expert_gemm: Annotated[
         str,
         typer.Option(
-            help="Ours' base expert GEMMs: auto (quack's, which gather token rows as they load, the gate_up "
-            "one with the bias, LoRA term and SwiGLU in its epilogue, where quack-kernels is installed and the "
-            "GPU is an H100/H200; else torch's grouped_mm), quack, quack-unfused (quack's, the SwiGLU a "
-            "separate Triton pass), or torch."
+            help="Ours' base expert GEMMs: auto (quack's, which gather token rows as they load, where "
+            "quack-kernels is installed and the GPU is an H100/H200; else torch's grouped_mm), quack, "
+            "quack-fused (quack's, the gate_up one with the bias, LoRA term and SwiGLU in its epilogue; "
+            "experimental), or torch."
         ),
     ] = "auto",
     components: Annotated[

@@ -69,7 +69,7 @@ class TrainConfig:
     memory_budget_gib: float | str | None = None
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
     attention: str = "auto"  # the fast paths' attention: auto (FlashAttention-4 if installed), flash, flex
-    expert_gemm: str = "auto"  # the fast paths' expert GEMMs: auto, quack, quack-unfused, torch
+    expert_gemm: str = "auto"  # the fast paths' expert GEMMs: auto, quack, quack-fused, torch
     gpus: int = 1
     sharding: str = "ddp"
     expert_storage: str = "auto"  # auto, mxfp4, bf16: see gptoss_tune.model.mxfp4

@@ -401,7 +401,7 @@ def test_fused_gate_up_epilogue_is_as_accurate_as_the_triton_one(rank) -> None:
     hidden = torch.randn(3000, 2880, generator=generator, device=DEVICE).bfloat16()
     runs = []
     for fuse in (False, True):
-        gemm = ExpertGemm("quack", fuse_epilogues=fuse)
+        gemm = ExpertGemm("quack-fused" if fuse else "quack")
         assert gemm.fuses(hidden) == fuse
         leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
         grouped = GroupedExperts(compile=True, gemm=gemm)
@@ -431,7 +431,7 @@ def test_fused_gate_up_epilogue_without_adapters() -> None:
     runs = []
     for fuse in (False, True):
         leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
-        out = GroupedExperts(compile=True, gemm=ExpertGemm("quack", fuse_epilogues=fuse))(
+        out = GroupedExperts(compile=True, gemm=ExpertGemm("quack-fused" if fuse else "quack"))(
             experts, leaves[0], indices, leaves[1]
         )
         runs.append((out, *torch.autograd.grad(out, leaves, grad)))
@@ -448,10 +448,10 @@ def test_fused_gate_up_epilogue_only_where_quack_runs() -> None:
     if quack_moe() is None:
         pytest.skip("needs quack-kernels with its epilogue frontend")
     rows = torch.zeros(8, 2880, dtype=torch.bfloat16, device=DEVICE)
-    assert ExpertGemm("quack").fuses(rows) == (torch.cuda.get_device_capability() == (9, 0))
-    assert not ExpertGemm("quack").fuses(rows.float())
-    assert not ExpertGemm("quack", fuse_epilogues=False).fuses(rows)
-    assert not ExpertGemm("quack-unfused").fuses(rows)
+    assert ExpertGemm("quack-fused").fuses(rows) == (torch.cuda.get_device_capability() == (9, 0))
+    assert not ExpertGemm("quack-fused").fuses(rows.float())
+    assert not ExpertGemm("quack").fuses(rows)
+    assert not ExpertGemm("auto").fuses(rows)
     assert not ExpertGemm("torch").fuses(rows)
 
 

@@ -63,7 +63,7 @@ class RecipeOptions:
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours: auto, flash or flex (gptoss_tune.kernels.make_attention)
-    expert_gemm: str = "auto"  # ours: auto, quack, quack-unfused or torch (gptoss_tune.kernels.ExpertGemm)
+    expert_gemm: str = "auto"  # ours: auto, quack, quack-fused or torch (gptoss_tune.kernels.ExpertGemm)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class BenchOptions:
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours' attention: auto, flash or flex
-    expert_gemm: str = "auto"  # ours' expert GEMMs: auto, quack, quack-unfused or torch
+    expert_gemm: str = "auto"  # ours' expert GEMMs: auto, quack, quack-fused or torch
     peak_tflops: float | None = None
     long_context: tuple[int, ...] = ()
     seed: int = 0
