@@ -112,12 +112,16 @@ class ExpertGemm:
                 f"--expert-gemm {backend} needs quack-kernels: pip install 'gptoss-tune[fa4]' (it comes with "
                 "flash-attn-4)."
             )
+        if backend == "quack-fused" and quack_moe() is None:
+            raise GptossTuneError(
+                "--expert-gemm quack-fused needs quack-kernels with its epilogue frontend (0.6.5 or later)."
+            )
         self.fuse_epilogues = backend == "quack-fused"
         self.backend = "quack" if backend == "quack-fused" else backend
 
     def describe(self) -> str:
         if self.backend != "torch" and quack() is not None:
-            fused = " (gate_up with its SwiGLU epilogue fused)" if self.fuse_epilogues and quack_moe() else ""
+            fused = " (gate_up with its SwiGLU epilogue fused)" if self.fuse_epilogues else ""
             where = " on sm90, else grouped_mm" if self.backend == "auto" else ""
             return f"quack GEMMs{fused}{where}"
         return "grouped_mm"
@@ -125,9 +129,7 @@ class ExpertGemm:
     def fuses(self, source: Tensor) -> bool:
         """Whether the gate_up forward runs with its epilogue fused (`quack_moe`) for bf16 expert
         weights and these token rows."""
-        if self.backend == "torch" or not self.fuse_epilogues or quack_moe() is None:
-            return False
-        return _quack_runs_on(source) and _sixteen_byte_strides(source)
+        return self.fuse_epilogues and _quack_runs_on(source) and _sixteen_byte_strides(source)
 
     @staticmethod
     def quack_can_run(source: Tensor, weights: Tensor) -> bool:
