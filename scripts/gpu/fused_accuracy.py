@@ -26,9 +26,9 @@ def layer(seed: int) -> Experts:
             for param in experts.parameters():
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator, device="cuda"))
         experts.bfloat16().requires_grad_(False)
-        cpu = torch.Generator().manual_seed(seed)
-        experts.gate_up_lora = ExpertLora(experts.weight_shape("gate_up_proj"), 8, 2.0, generator=cpu).cuda()
-        experts.down_lora = ExpertLora(experts.weight_shape("down_proj"), 8, 2.0, generator=cpu).cuda()
+    cpu = torch.Generator().manual_seed(seed)  # adapters drawn on the CPU, then moved
+    experts.gate_up_lora = ExpertLora(experts.weight_shape("gate_up_proj"), 8, 2.0, generator=cpu).cuda()
+    experts.down_lora = ExpertLora(experts.weight_shape("down_proj"), 8, 2.0, generator=cpu).cuda()
     with torch.no_grad():
         for module in (experts.gate_up_lora, experts.down_lora):
             module.lora_B.copy_(0.05 * torch.randn(module.lora_B.shape, generator=generator, device="cuda"))

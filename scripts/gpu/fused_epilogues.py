@@ -12,33 +12,13 @@ import time
 
 import torch
 from expert_gemms import TOKENS
+from fused_accuracy import layer
 from step_model import cuda_milliseconds
 
 from gptoss_tune.kernels import ExpertGemm, GroupedExperts
 from gptoss_tune.kernels.grouped_gemm import quack, quack_moe
 from gptoss_tune.kernels.moe import LowRank, sort_by_expert
 from gptoss_tune.model.gpt_oss import Experts
-from gptoss_tune.model.lora import ExpertLora
-from gptoss_tune.model.presets import preset_config
-
-
-def layer() -> Experts:
-    config = preset_config("20b")
-    generator = torch.Generator("cuda").manual_seed(0)
-    with torch.device("cuda"):
-        experts = Experts(config)
-        with torch.no_grad():
-            for param in experts.parameters():
-                param.copy_(
-                    torch.randn(param.shape, generator=generator, device="cuda") * param.shape[-1] ** -0.5
-                )
-        experts.bfloat16().requires_grad_(False)
-        experts.gate_up_lora = ExpertLora(experts.weight_shape("gate_up_proj"), 8, 16.0, device="cuda")
-        experts.down_lora = ExpertLora(experts.weight_shape("down_proj"), 8, 16.0, device="cuda")
-    with torch.no_grad():
-        for module in (experts.gate_up_lora, experts.down_lora):
-            module.lora_B.normal_(0, 0.02, generator=generator)
-    return experts
 
 
 def inputs(hidden_size: int):
@@ -112,7 +92,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     assert quack() is not None and quack_moe() is not None, "needs quack-kernels with the epilogue frontend"
-    experts = layer()
+    experts = layer(0)  # random bf16 weights, LoRA r=8 with non-zero B
     hidden, indices, weights, grad = inputs(experts.down_proj_bias.shape[-1])
     results = {}
     for name, fuse in (("triton epilogues", False), ("fused", True)):

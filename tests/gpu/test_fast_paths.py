@@ -358,16 +358,21 @@ def test_quack_expert_gemms_match_grouped_mm(inner, width, gather, transposed) -
     assert relative_error(got.float(), want.float()) <= 1e-2
 
 
-@needs_quack
-def test_grouped_experts_on_quack_gemms_are_as_accurate_as_on_grouped_mm() -> None:
-    """Both bf16 paths against the fp32 eager loop: quack's must be about as close as grouped_mm's."""
-    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
-    generator = torch.Generator(device=DEVICE).manual_seed(2)
-    indices = torch.randint(0, 30, (2048, 4), generator=generator, device=DEVICE)
-    weights = torch.softmax(torch.randn(2048, 4, generator=generator, device=DEVICE), -1).bfloat16()
-    hidden = torch.randn(2048, 2880, generator=generator, device=DEVICE).bfloat16()
+EXPERT_GRAD_NAMES = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
+
+
+def assert_backend_as_accurate(
+    experts: Experts, tokens: int, used_experts: int, seed: int, baseline: str, candidate: str
+) -> tuple:
+    """The experts (with adapters) on two `ExpertGemm` backends, bf16, each against the fp32 eager
+    loop over the same random routing: the candidate must be about as close as the baseline. Returns
+    the candidate's gradients (EXPERT_GRAD_NAMES)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    indices = torch.randint(0, used_experts, (tokens, 4), generator=generator, device=DEVICE)
+    weights = torch.softmax(torch.randn(tokens, 4, generator=generator, device=DEVICE), -1).bfloat16()
+    hidden = torch.randn(tokens, 2880, generator=generator, device=DEVICE).bfloat16()
     runs = []
-    for backend in ("torch", "quack"):
+    for backend in (baseline, candidate):
         leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
         grouped = GroupedExperts(compile=True, gemm=ExpertGemm(backend))
         runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
@@ -375,11 +380,18 @@ def test_grouped_experts_on_quack_gemms_are_as_accurate_as_on_grouped_mm() -> No
     truth = experts_and_grads(
         eager_experts, copy.deepcopy(experts).float(), truth_hidden, indices, truth_weights, torch.float32
     )
-    (on_grouped_mm, grouped_mm_grads), (on_quack, quack_grads) = runs
-    assert_as_accurate("output", on_quack, on_grouped_mm, truth[0], torch.bfloat16)
-    names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
-    for name, got, baseline, want in zip(names, quack_grads, grouped_mm_grads, truth[1], strict=True):
-        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+    (base_out, base_grads), (out, grads) = runs
+    assert_as_accurate("output", out, base_out, truth[0], torch.bfloat16)
+    for name, got, baseline_grad, want in zip(EXPERT_GRAD_NAMES, grads, base_grads, truth[1], strict=True):
+        assert_as_accurate(name, got, baseline_grad, want, torch.bfloat16)
+    return grads
+
+
+@needs_quack
+def test_grouped_experts_on_quack_gemms_are_as_accurate_as_on_grouped_mm() -> None:
+    """Both bf16 paths against the fp32 eager loop: quack's must be about as close as grouped_mm's."""
+    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
+    assert_backend_as_accurate(experts, 2048, 30, seed=2, baseline="torch", candidate="quack")
 
 
 needs_quack_moe = pytest.mark.skipif(
@@ -394,27 +406,12 @@ def test_fused_gate_up_epilogue_is_as_accurate_as_the_triton_one(rank) -> None:
     """quack's gate_up GEMM with the bias, LoRA addend and SwiGLU in its epilogue vs the Triton
     epilogue, both against the fp32 eager loop, at gpt-oss-20b's expert shape; some experts get no
     row (rank 3 is padded to 8)."""
+    rows = torch.zeros(8, 2880, dtype=torch.bfloat16, device=DEVICE)
+    assert ExpertGemm("quack-fused").fuses(rows) and not ExpertGemm("quack").fuses(rows)
     experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, rank)
-    generator = torch.Generator(device=DEVICE).manual_seed(4)
-    indices = torch.randint(0, 29, (3000, 4), generator=generator, device=DEVICE)
-    weights = torch.softmax(torch.randn(3000, 4, generator=generator, device=DEVICE), -1).bfloat16()
-    hidden = torch.randn(3000, 2880, generator=generator, device=DEVICE).bfloat16()
-    runs = []
-    for fuse in (False, True):
-        gemm = ExpertGemm("quack-fused" if fuse else "quack")
-        assert gemm.fuses(hidden) == fuse
-        leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
-        grouped = GroupedExperts(compile=True, gemm=gemm)
-        runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
-    truth_hidden, truth_weights = as_fp32_leaves([hidden, weights], 2)
-    truth = experts_and_grads(
-        eager_experts, copy.deepcopy(experts).float(), truth_hidden, indices, truth_weights, torch.float32
+    fused_grads = assert_backend_as_accurate(
+        experts, 3000, 29, seed=4, baseline="quack", candidate="quack-fused"
     )
-    (on_triton, triton_grads), (fused, fused_grads) = runs
-    assert_as_accurate("output", fused, on_triton, truth[0], torch.bfloat16)
-    names = ("hidden", "routing weights", "gate_up A", "gate_up B", "down A", "down B")
-    for name, got, baseline, want in zip(names, fused_grads, triton_grads, truth[1], strict=True):
-        assert_as_accurate(name, got, baseline, want, torch.bfloat16)
     for got in fused_grads[2:]:  # experts without rows get exactly zero adapter gradient
         assert got[29:].abs().max().item() == 0.0
 

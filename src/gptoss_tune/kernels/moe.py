@@ -421,13 +421,12 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
     """Token rows [N, H] -> (pre-activation [S, 2I], activation [S, I], the LoRA's x A_e [S, r'])."""
     experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
     weights = experts.gate_up_weight().to(tokens.dtype)
-    inputs = low_rank_inputs(tokens, adapter.lora_a, routing) if adapter is not None else None
+    inputs = update = None
+    if adapter is not None:
+        inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
+        update = LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets)
     if layer.fused:  # the LoRA term as the GEMM's addend: s (x A_e) B_e from a thin grouped GEMM
-        addend = (
-            grouped_mm(inputs * adapter.scaling, adapter.lora_b, routing.offsets)
-            if adapter is not None
-            else None
-        )
+        addend = update._replace(inputs=inputs * adapter.scaling).product() if update is not None else None
         pre_activation, activated = quack_moe().gate_up_swiglu(
             tokens, routing.tokens_int32, weights, experts.gate_up_proj_bias, routing.cu_seqlens, addend,
             experts.alpha, experts.limit, quack_config(*weights.shape[-2:]),
@@ -435,9 +434,6 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
         return pre_activation, activated, inputs
     base = layer.base_gemm(tokens, weights, gather=True)
     del weights
-    update = (
-        LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets) if adapter is not None else None
-    )
     pre_activation, activated = layer.epilogues.gate_up(
         base, experts.gate_up_proj_bias, routing.experts, update,
         adapter.scaling if adapter else 0.0, experts.alpha, experts.limit,
