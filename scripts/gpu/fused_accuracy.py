@@ -1,7 +1,8 @@
 """The fused gate_up epilogue's accuracy over several random adapters: for each seed, the expert
-layer's output and gradients by quack with the Triton epilogue and by quack with the fused one,
-each one's largest error relative to the fp32 eager loop's largest value (gpt-oss-20b's expert shape,
-2,048 tokens, 30 of 32 experts used, LoRA r=8). A design measurement:
+layer's output and gradients by grouped_mm, by quack with the Triton epilogue and by quack with the
+fused one, each one's largest error relative to the fp32 eager loop's largest value (gpt-oss-20b's
+expert shape, 2,048 tokens, 30 of 32 experts used, LoRA r=8), and whether a second run of each on
+the same inputs is bit-identical (a race would show there). A design measurement:
 `python3 scripts/gpu/fused_accuracy.py [seeds]`."""
 
 import copy
@@ -60,11 +61,13 @@ def main() -> None:
         truth = run(
             eager_experts, copy.deepcopy(experts).float(), hidden, indices, weights, grad, torch.float32
         )
-        for label, fuse in (("triton", False), ("fused", True)):
-            fn = GroupedExperts(compile=True, gemm=ExpertGemm("quack-fused" if fuse else "quack"))
+        for backend in ("torch", "quack", "quack-fused"):
+            fn = GroupedExperts(compile=True, gemm=ExpertGemm(backend))
             got = run(fn, experts, hidden, indices, weights, grad, torch.bfloat16)
+            again = run(fn, experts, hidden, indices, weights, grad, torch.bfloat16)
+            same = all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
             errors = ", ".join(f"{n} {error(g, t):.2e}" for n, g, t in zip(NAMES, got, truth, strict=True))
-            print(f"seed {seed} {label}: {errors}", flush=True)
+            print(f"seed {seed} {backend:11s} repeatable {same}: {errors}", flush=True)
 
 
 if __name__ == "__main__":

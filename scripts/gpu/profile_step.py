@@ -17,7 +17,7 @@ print(f"{layers} layers, {tokens} tokens: {run.milliseconds():.1f} ms per forwar
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as profiler:
     run.step()
     torch.cuda.synchronize()
-table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=70)
 by_shape = profiler.key_averages(group_by_input_shape=True).table(
     sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=40, max_shapes_column_width=90
 )

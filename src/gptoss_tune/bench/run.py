@@ -272,16 +272,20 @@ def train_steps(
         if step == untimed:
             synchronize(recipe.device)
             started = time.perf_counter()
+        step_started = time.perf_counter()
         loss = recipe.train_step(batch)
+        loss_value = float(loss)  # waits for the step: the wall time below is the step's own
         if step == 0:
-            result.first_loss = float(loss)
+            result.first_loss = loss_value
         if step >= untimed:
             measured.tokens += batch.num_tokens
             measured.processed += batch.processed_tokens
             measured.flops += flop_model.training_flops(batch.document_lengths)
             measured.steps += 1
+        kind = "timed" if step >= untimed else "untimed"
         log(
-            f"  {recipe.name} step {step + 1}/{len(planned)}: loss {float(loss):.4f}, {batch.num_tokens} tokens"
+            f"  {recipe.name} step {step + 1}/{len(planned)} ({kind}): loss {loss_value:.4f}, "
+            f"{batch.num_tokens} tokens, {1e3 * (time.perf_counter() - step_started):.1f} ms"
         )
     synchronize(recipe.device)
     measured.seconds = time.perf_counter() - started

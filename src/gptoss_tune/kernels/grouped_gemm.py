@@ -97,11 +97,10 @@ class ExpertGemm:
     """Runs `source[index] @ weights[e]` for the rows of each expert (`index`: the source row of
     each sorted assignment, or None when `source` already holds the sorted rows).
 
-    `backend`: auto (quack where it can run, else torch), quack (an error where it cannot),
-    quack-fused (quack, and the gate_up forward's bias, LoRA term and SwiGLU inside its GEMM,
-    `quack_moe`, instead of a separate Triton pass), torch. quack-fused is opt-in: on session 10's
-    H200 it was 0.4% faster, and one whole-experts accuracy test failed once with it in a full
-    tests/gpu run while passing in every other run (see docs/benchmarks.md, "Session 10").
+    `backend`: auto (quack-fused where quack has its epilogue frontend, else quack where it can
+    run, else torch), quack (an error where it cannot), quack-fused (quack, and the gate_up
+    forward's bias, LoRA term and SwiGLU inside its GEMM, `quack_moe`, instead of a separate
+    Triton pass), torch. See docs/benchmarks.md, "Session 10" and "Session 11".
     """
 
     def __init__(self, backend: str = "auto") -> None:
@@ -116,7 +115,7 @@ class ExpertGemm:
             raise GptossTuneError(
                 "--expert-gemm quack-fused needs quack-kernels with its epilogue frontend (0.6.5 or later)."
             )
-        self.fuse_epilogues = backend == "quack-fused"
+        self.fuse_epilogues = backend == "quack-fused" or (backend == "auto" and quack_moe() is not None)
         self.backend = "quack" if backend == "quack-fused" else backend
 
     def describe(self) -> str:
