@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptoss_tune.bench.data import BenchData, bench_data, long_sequence, pad_examples
+from gptoss_tune.bench.data import BenchData, bench_data, long_sequence, packed_batches, pad_examples
 from gptoss_tune.bench.flops import (
     FlopModel,
     active_matmul_parameters,
@@ -150,6 +150,16 @@ def test_packed_and_padded_streams_respect_the_token_budget(data) -> None:
         batch = next(padded)
         assert batch.input_ids.numel() <= 4096 or batch.input_ids.shape[0] == 1
         assert int(batch.attention_mask.sum()) == batch.num_tokens
+
+
+def test_packed_stream_leaves_out_bins_less_than_half_full_while_fuller_ones_exist() -> None:
+    examples = [([1] * length, [2] * length) for length in (900, 800, 700, 300, 150, 120)]
+    # best fit at 1000 tokens: [900], [800, 150], [700, 300], [120]: the 120-token bin is left out
+    stream = packed_batches(examples, tokens_per_batch=1000, row_length=1024)
+    seen = sorted(next(stream).num_tokens for _ in range(9))
+    assert seen == [900] * 3 + [950] * 3 + [1000] * 3
+    only_small = packed_batches(examples[4:], tokens_per_batch=1000, row_length=1024)
+    assert next(only_small).num_tokens == 270  # nothing fuller: every bin stays
 
 
 def test_shared_targets_address_the_same_tokens_in_both_layouts(data) -> None:

@@ -7,7 +7,7 @@ prepare pipeline, cut into the batches each recipe trains on.
   `tokens_per_batch` tokens, positions restarting per example, every row padded to the same length
   (`BenchData.row_length`, a multiple of 128): compiled kernels see one shape, so warm-up compiles
   once. The padding is processed but not counted as real tokens (the trainer pads only to a
-  multiple of 128).
+  multiple of 128). Bins less than half full are left out (see `packed_batches`).
 
 The first batch is the same examples for every recipe (the "shared batch" the losses are compared
 on); the rest of the stream is each recipe's own way of batching the same example sequence.
@@ -106,11 +106,20 @@ def packed_batches(
     examples: Sequence[Example], tokens_per_batch: int, row_length: int, seed: int = 0
 ) -> Iterator[MicroBatch]:
     """Best-fit packed micro-batches of the examples, in packing-plan order, cycling forever; each
-    row padded to `row_length`."""
-    plan = plan_packing([len(ids) for ids, _ in examples], tokens_per_batch, seed)
+    row padded to `row_length`. Bins less than half full (the last few of a best-fit packing) are
+    left out while fuller ones exist: the trainer pads a row only to a multiple of 128, so such a
+    bin is a short step there, but padded to the one row length here it would be timed as a full
+    step of mostly padding."""
+    lengths = [len(ids) for ids, _ in examples]
+    plan = plan_packing(lengths, tokens_per_batch, seed)
+    fill = [sum(lengths[i] for i in bin_) for bin_ in plan.bins]
+    kept = {index for index, tokens in enumerate(fill) if 2 * tokens >= tokens_per_batch} or set(
+        range(len(fill))
+    )
     for epoch in itertools.count():
         for index in plan.epoch_order(epoch):
-            yield collate([examples[i] for i in plan.bins[index]], row_length)
+            if index in kept:
+                yield collate([examples[i] for i in plan.bins[index]], row_length)
 
 
 @dataclass(frozen=True)
