@@ -335,9 +335,10 @@ def train(
     expert_gemm: Annotated[
         str,
         typer.Option(
-            help="The fast paths' base expert GEMMs: auto (quack's where quack-kernels is installed and "
-            "the GPU is an H100/H200, else torch's grouped_mm), quack, quack-fused (quack's, the gate_up one "
-            "with the bias, LoRA term and SwiGLU in its epilogue; experimental), or torch."
+            help="The fast paths' expert GEMMs: auto (quack-fused where quack-kernels is installed and "
+            "the GPU is an H100/H200, else torch's grouped_mm), quack (quack's GEMMs, the gate_up epilogue "
+            "a separate Triton pass), quack-fused (quack's, the gate_up one with the bias, LoRA term and "
+            "SwiGLU in its epilogue), or torch."
         ),
     ] = "auto",
     gpus: Annotated[
@@ -441,10 +442,10 @@ def bench(
     expert_gemm: Annotated[
         str,
         typer.Option(
-            help="Ours' base expert GEMMs: auto (quack's, which gather token rows as they load, where "
-            "quack-kernels is installed and the GPU is an H100/H200; else torch's grouped_mm), quack, "
-            "quack-fused (quack's, the gate_up one with the bias, LoRA term and SwiGLU in its epilogue; "
-            "experimental), or torch."
+            help="Ours' expert GEMMs: auto (quack-fused where quack-kernels is installed and the GPU is "
+            "an H100/H200; else torch's grouped_mm), quack (quack's GEMMs, which gather token rows as they "
+            "load; the gate_up epilogue a separate Triton pass), quack-fused (quack's, the gate_up one with "
+            "the bias, LoRA term and SwiGLU in its epilogue), or torch."
         ),
     ] = "auto",
     components: Annotated[

@@ -104,7 +104,8 @@ def enable_fast_paths(
     still go through the eager reference). `compile` applies torch.compile where it pays: the
     FlexAttention kernel (on CUDA), the experts' elementwise epilogues, the loss chunk, the norms
     and the rotary embedding. `attention_backend`: see `make_attention`; `expert_gemm`: the experts'
-    base GEMMs, auto (quack where installed, on an H100/H200), quack, quack-fused or torch (grouped_mm)."""
+    GEMMs, auto (quack-fused where quack is installed, on an H100/H200), quack, quack-fused or torch
+    (grouped_mm)."""
     installed = FastPaths(
         attention=make_attention(attention_backend, compile) if attention else None,
         experts=GroupedExperts(compile=compile, gemm=ExpertGemm(expert_gemm)) if experts else None,

@@ -1,4 +1,5 @@
-"""The experts' four base grouped GEMMs (gate_up and down, forward and input gradient).
+"""The experts' grouped GEMMs: the four base ones (gate_up and down, forward and input gradient)
+and the thin ones of their LoRA factors (rank r on one side), including the factors' gradients.
 
 torch's `grouped_mm` (CUTLASS) is the reference and the default. Where the optional `quack-kernels`
 package is installed (flash-attn-4 brings it) and the GPU is an H100/H200, its variable-length GEMM
@@ -14,6 +15,12 @@ layer, torch (index_select +) grouped_mm -> quack:
     down forward      1.83 -> 1.46 (128 x 192 ping-pong)
     down backward     2.01 -> 1.51 (128 x 192 ping-pong)
     gate_up backward  3.50 -> 3.00 (256 x 192 cooperative; K = 5760 > N)
+and the thin LoRA GEMMs (scripts/gpu/thin_gemms.py, rank 8; bit-identical to grouped_mm):
+    s (x A_e) B_e               [S, 8] x [E, 8, 5760]     0.309 -> 0.246 (128 x 192 ping-pong)
+    act A'_e                    [S, 2880] x [E, 2880, 8]  0.164 -> 0.102 (128 x 64 ping-pong)
+    dG B_e^T                    [S, 5760] x [E, 5760, 8]  0.277 -> 0.185 (128 x 64 ping-pong)
+    dB_e = (x A_e)^T dG         per expert, [8, 5760]     0.304 -> 0.285 (128 x 128 ping-pong)
+    dA'_e = act^T d(act A'_e)   per expert, [2880, 8]     0.170 -> 0.105 (128 x 64 ping-pong)
 """
 
 from __future__ import annotations
@@ -68,12 +75,21 @@ def quack_moe():
 @functools.cache
 def quack_config(inner: int, width: int):
     """The measured sm90 configuration for a [S, inner] x [inner, width] GEMM."""
+    if width <= 64:  # a LoRA factor's low-rank side
+        return _thin_config(64)
     if inner > width:  # the gate_up input gradient
         return quack().GemmConfig(
             tile_m=256, tile_n=192, pingpong=False, cluster_m=2, cluster_n=1, is_dynamic_persistent=False
         )
     return quack().GemmConfig(
         tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, is_dynamic_persistent=False
+    )
+
+
+@functools.cache
+def _thin_config(tile_n: int):
+    return quack().GemmConfig(
+        tile_m=128, tile_n=tile_n, pingpong=True, cluster_m=1, cluster_n=1, is_dynamic_persistent=False
     )
 
 
@@ -131,24 +147,27 @@ class ExpertGemm:
         return self.fuse_epilogues and _quack_runs_on(source) and _sixteen_byte_strides(source)
 
     @staticmethod
-    def quack_can_run(source: Tensor, weights: Tensor) -> bool:
-        return (
-            _quack_runs_on(source)
-            and weights.dtype == torch.bfloat16
-            and _sixteen_byte_strides(source)
-            and _sixteen_byte_strides(weights)
-        )
+    def quack_can_run(*operands: Tensor) -> bool:
+        return all(_quack_runs_on(operand) and _sixteen_byte_strides(operand) for operand in operands)
+
+    def _runs_quack(self, *operands: Tensor) -> bool:
+        """Whether quack takes these operands (an error for `quack` where it cannot)."""
+        if self.backend == "torch":
+            return False
+        if self.quack_can_run(*operands):
+            return True
+        if self.backend == "quack":
+            raise GptossTuneError(
+                "--expert-gemm quack runs bf16 experts on an H100/H200 (sm90) only: use auto or torch."
+            )
+        return False
 
     def __call__(
         self, source: Tensor, weights: Tensor, offsets: Tensor, cu_seqlens: Tensor, index: Tensor | None
     ) -> Tensor:
         """offsets [E] int32 group ends (grouped_mm's), cu_seqlens [E + 1] int32 (quack's); index
         int32 for quack, any integer dtype for torch."""
-        if self.backend == "torch" or not self.quack_can_run(source, weights):
-            if self.backend == "quack":
-                raise GptossTuneError(
-                    "--expert-gemm quack runs bf16 experts on an H100/H200 (sm90) only: use auto or torch."
-                )
+        if not self._runs_quack(source, weights):
             rows = source.index_select(0, index) if index is not None else source
             return grouped_mm(rows, weights, offsets)
         total = index.numel() if index is not None else source.shape[0]
@@ -159,4 +178,22 @@ class ExpertGemm:
         quack().gemm(
             source, weights, out, cu_seqlens_m=cu_seqlens, A_idx=index, config=quack_config(inner, width)
         )
+        return out
+
+    def weight_grad(self, inputs: Tensor, grads: Tensor, offsets: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Each expert's sum over its rows of inputs_s^T grads_s: [S, K] and [S, N] sorted rows ->
+        [E, K, N] (the gradient of the weights of `self(inputs, weights, ...)`); zeros for an expert
+        without rows."""
+        if not self._runs_quack(inputs.t(), grads):
+            return grouped_mm(inputs.t(), grads, offsets)
+        width = grads.shape[1]
+        out = grads.new_zeros(offsets.numel(), inputs.shape[1], width)
+        if inputs.shape[0] > 0:
+            quack().gemm(
+                inputs.t(),
+                grads,
+                out,
+                cu_seqlens_k=cu_seqlens,
+                config=_thin_config(64 if width <= 64 else 128),
+            )
         return out

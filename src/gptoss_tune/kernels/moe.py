@@ -3,7 +3,8 @@
 The eager reference is `gptoss_tune.model.gpt_oss.eager_experts` (a loop over experts). Here the
 N * k (token, expert) assignments are sorted by expert once, and each base projection of every
 expert runs as one grouped GEMM over the sorted rows (`grouped_gemm.ExpertGemm`: quack's, which
-gathers token rows as it loads them, where installed on an H100/H200; torch's grouped_mm elsewhere):
+gathers token rows as it loads them, where installed on an H100/H200; torch's grouped_mm elsewhere),
+as do the thin GEMMs of the LoRA factors and their gradients:
 
     gate_up = x W_e + b_e + s * (x A_e) B_e
     act     = clamped SwiGLU(gate_up)
@@ -34,8 +35,8 @@ layers. The base weights and biases must be frozen (LoRA training); otherwise th
 
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
 "epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere.
-With `--expert-gemm quack-fused` (experimental), the gate_up forward's epilogue is inside quack's
-GEMM instead (`quack_moe`; `ExpertGemm.fuses`). No host synchronization: expert offsets come from a
+Where quack has its epilogue frontend (`--expert-gemm auto` or `quack-fused`), the gate_up
+forward's epilogue is inside quack's GEMM instead (`quack_moe`; `ExpertGemm.fuses`). No host synchronization: expert offsets come from a
 searchsorted on the sorted ids.
 
 Weights are read only through `Experts.gate_up_weight()` / `Experts.down_weight()`, so storage
@@ -202,12 +203,6 @@ def sum_low_rank_outputs(inputs: Tensor, lora_b: Tensor, routing: SortedAssignme
     experts' B at once (one dense GEMM)."""
     experts, rank, width = lora_b.shape
     return place_in_slots(inputs, routing) @ lora_b.reshape(experts * rank, width)
-
-
-def grouped_weight_grad(inputs: Tensor, grads: Tensor, offsets: Tensor) -> Tensor:
-    """sum over each group's rows of inputs_s^T grads_s: [S, K] and [S, M] -> [E, K, M] (the
-    gradient of the grouped weights of `grouped_mm(inputs, weights, offsets)`)."""
-    return grouped_mm(inputs.t(), grads, offsets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,12 +404,17 @@ class _Layer:
     def offsets(self) -> Tensor:
         return self.routing.offsets
 
-    def base_gemm(self, source: Tensor, weights: Tensor, gather: bool = False) -> Tensor:
-        """A base projection for every sorted row: source is already in sorted order, or with
-        `gather` in token order (each sorted row reads its token's row)."""
+    def expert_gemm(self, source: Tensor, weights: Tensor, gather: bool = False) -> Tensor:
+        """Every sorted row times its expert's weights [E, K, N] (a base projection or a LoRA
+        factor): source is already in sorted order, or with `gather` in token order (each sorted
+        row reads its token's row)."""
         routing = self.routing
         index = routing.tokens_int32 if gather else None
         return self.gemm(source, weights, routing.offsets, routing.cu_seqlens, index)
+
+    def weight_grad(self, inputs: Tensor, grads: Tensor) -> Tensor:
+        """The gradient [E, K, N] of the weights of `expert_gemm(inputs, weights)` (sorted rows)."""
+        return self.gemm.weight_grad(inputs, grads, self.routing.offsets, self.routing.cu_seqlens)
 
 
 def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -426,13 +426,13 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
         inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
         update = LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets)
     if layer.fused:  # the LoRA term as the GEMM's addend: s (x A_e) B_e from a thin grouped GEMM
-        addend = update._replace(inputs=inputs * adapter.scaling).product() if update is not None else None
+        addend = layer.expert_gemm(inputs * adapter.scaling, adapter.lora_b) if adapter is not None else None
         pre_activation, activated = quack_moe().gate_up_swiglu(
             tokens, routing.tokens_int32, weights, experts.gate_up_proj_bias, routing.cu_seqlens, addend,
             experts.alpha, experts.limit, quack_config(*weights.shape[-2:]),
         )  # fmt: skip
         return pre_activation, activated, inputs
-    base = layer.base_gemm(tokens, weights, gather=True)
+    base = layer.expert_gemm(tokens, weights, gather=True)
     del weights
     pre_activation, activated = layer.epilogues.gate_up(
         base, experts.gate_up_proj_bias, routing.experts, update,
@@ -449,11 +449,11 @@ def _down_forward(
     experts, routing, adapter = layer.experts, layer.routing, layer.down
     inputs = low_rank = None
     if adapter is not None:
-        inputs = grouped_mm(activated, adapter.lora_a, routing.offsets)
+        inputs = layer.expert_gemm(activated, adapter.lora_a)
         low_rank = sum_low_rank_outputs(
             inputs * (weights.unsqueeze(-1) * adapter.scaling), adapter.lora_b, routing
         )
-    projected = layer.base_gemm(activated, experts.down_weight().to(activated.dtype))
+    projected = layer.expert_gemm(activated, experts.down_weight().to(activated.dtype))
     out = layer.epilogues.down(
         projected, experts.down_proj_bias, routing.experts, weights, routing.inverse, routing.top_k,
         low_rank, out_dtype,
@@ -472,7 +472,7 @@ def _down_backward(
     dtype = grad_out.dtype
     down_weight = experts.down_weight().to(dtype)
     # (dL/dy) V_e^T per sorted row (dL/dy before the routing weight)
-    grad_base = layer.base_gemm(grad_out, down_weight.transpose(-2, -1), gather=True)
+    grad_base = layer.expert_gemm(grad_out, down_weight.transpose(-2, -1), gather=True)
     del down_weight
     # <dL/dy, c_e> for every (token, expert) in one GEMM; each row keeps its expert's.
     grad_weights = pick_slots(grad_out @ experts.down_proj_bias.to(dtype).t(), routing).squeeze(-1).float()
@@ -493,7 +493,7 @@ def _down_backward(
         grad_lora_b = (place_in_slots(down_inputs * weight_scale, routing).t() @ grad_out).view_as(
             adapter.lora_b
         )
-        grad_lora_a = grouped_weight_grad(activated, grad_down_inputs, offsets)
+        grad_lora_a = layer.weight_grad(activated, grad_down_inputs)
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.down_lora.lora_A)
     return grad_pre_activation, grad_weights, lora_grads
 
@@ -503,18 +503,18 @@ def _gate_up_backward(
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] in the tokens' dtype, the gate_up LoRA's
     (dA, dB))."""
-    experts, routing, adapter, offsets = layer.experts, layer.routing, layer.gate_up, layer.offsets
+    experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
     grad_low_rank = lora_grads = None
     if adapter is not None:
         # dL/d update = s * dL/d pre-activation: the scaling goes on the thin results, not on [S, 2I]
-        grad_lora_b = grouped_weight_grad(gate_up_inputs, grad_pre_activation, offsets) * adapter.scaling
-        grad_inputs = grouped_mm(grad_pre_activation, adapter.lora_b.transpose(-2, -1), offsets)
+        grad_lora_b = layer.weight_grad(gate_up_inputs, grad_pre_activation) * adapter.scaling
+        grad_inputs = layer.expert_gemm(grad_pre_activation, adapter.lora_b.transpose(-2, -1))
         grad_inputs = place_in_slots(grad_inputs * adapter.scaling, routing)  # [N, E * r']
         grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
         grad_low_rank = grad_inputs @ all_experts(adapter.lora_a).t()  # added inside the slot sum
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
     gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
-    grad_rows = layer.base_gemm(grad_pre_activation, gate_up_weight.transpose(-2, -1))
+    grad_rows = layer.expert_gemm(grad_pre_activation, gate_up_weight.transpose(-2, -1))
     del gate_up_weight
     grad_tokens = layer.epilogues.slot_sum(
         grad_rows, routing.inverse, routing.top_k, grad_low_rank, tokens.dtype
