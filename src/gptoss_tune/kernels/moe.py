@@ -36,8 +36,8 @@ layers. The base weights and biases must be frozen (LoRA training); otherwise th
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
 "epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere.
 Where quack has its epilogue frontend (`--expert-gemm auto` or `quack-fused`), the gate_up
-forward's epilogue is inside quack's GEMM instead (`quack_moe`; `ExpertGemm.fuses`). No host synchronization: expert offsets come from a
-searchsorted on the sorted ids.
+forward's epilogue is inside quack's GEMM instead (`quack_moe`; `ExpertGemm.fuses`). No host
+synchronization: expert offsets come from a searchsorted on the sorted ids.
 
 Weights are read only through `Experts.gate_up_weight()` / `Experts.down_weight()`, so storage
 (plain bf16, MXFP4 dequantized on the fly) is the `Experts` module's business. Backward fetches
