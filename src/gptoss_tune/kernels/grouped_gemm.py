@@ -99,13 +99,15 @@ def _sixteen_byte_strides(tensor: Tensor) -> bool:
     return 1 in strides[-2:] and all(s == 1 or (s * tensor.element_size()) % 16 == 0 for s in strides)
 
 
+@functools.cache
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def _quack_runs_on(source: Tensor) -> bool:
     """quack is installed and measured for bf16 rows on this GPU (an H100/H200: sm90)."""
     return (
-        source.is_cuda
-        and source.dtype == torch.bfloat16
-        and quack() is not None
-        and torch.cuda.get_device_capability(source.device) == (9, 0)
+        source.is_cuda and source.dtype == torch.bfloat16 and quack() is not None and _is_sm90(source.device)
     )
 
 

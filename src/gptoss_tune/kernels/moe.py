@@ -421,10 +421,7 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
     """Token rows [N, H] -> (pre-activation [S, 2I], activation [S, I], the LoRA's x A_e [S, r'])."""
     experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
     weights = experts.gate_up_weight().to(tokens.dtype)
-    inputs = update = None
-    if adapter is not None:
-        inputs = low_rank_inputs(tokens, adapter.lora_a, routing)
-        update = LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets)
+    inputs = low_rank_inputs(tokens, adapter.lora_a, routing) if adapter is not None else None
     if layer.fused:  # the LoRA term as the GEMM's addend: s (x A_e) B_e from a thin grouped GEMM
         addend = layer.expert_gemm(inputs * adapter.scaling, adapter.lora_b) if adapter is not None else None
         pre_activation, activated = quack_moe().gate_up_swiglu(
@@ -434,6 +431,9 @@ def _gate_up_forward(layer: _Layer, tokens: Tensor) -> tuple[Tensor, Tensor, Ten
         return pre_activation, activated, inputs
     base = layer.expert_gemm(tokens, weights, gather=True)
     del weights
+    update = (
+        LowRank(inputs, adapter.lora_b, routing.experts, routing.offsets) if adapter is not None else None
+    )
     pre_activation, activated = layer.epilogues.gate_up(
         base, experts.gate_up_proj_bias, routing.experts, update,
         adapter.scaling if adapter else 0.0, experts.alpha, experts.limit,

@@ -2,9 +2,9 @@
 epilogue mods).
 
 Imported only where quack-kernels imports (see `grouped_gemm.quack_moe`); used with
-`--expert-gemm auto` (the default) or `quack-fused` (see `grouped_gemm.ExpertGemm`). Where quack runs the
-experts' base GEMMs (sm90, bf16), the gate_up forward's memory-bound pass need not be a separate
-kernel: the GEMM's epilogue adds the expert's bias and the LoRA term to the accumulator, writes the
+`--expert-gemm auto` (the default) or `quack-fused` (see `grouped_gemm.ExpertGemm`). Where quack
+runs the experts' base GEMMs (sm90, bf16), the gate_up forward's memory-bound pass need not be a
+separate kernel: the GEMM's epilogue adds the expert's bias and the LoRA term to the accumulator, writes the
 pre-activation (saved for backward) and writes the clamped SwiGLU of it beside it. The Triton
 epilogue it replaces read the [S, 2I] base product back and wrote both again.
 
