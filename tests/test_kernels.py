@@ -35,7 +35,7 @@ from gptoss_tune.kernels.attention import (
 from gptoss_tune.kernels.flash_attention import FlashAttention, document_sequences, flash_window
 from gptoss_tune.kernels.grouped_gemm import ExpertGemm, quack
 from gptoss_tune.kernels.loss import linear_cross_entropy_sum
-from gptoss_tune.kernels.memory import LayerMemory, choose_checkpointed_layers
+from gptoss_tune.kernels.memory import LayerMemory, RecomputePlan, choose_recompute_plan, plan_peak_bytes
 from gptoss_tune.kernels.moe import (
     aligned_lora_factors,
     clamped_swiglu,
@@ -499,6 +499,26 @@ def test_grouped_experts_keep_only_tokens_pre_activation_and_low_rank_inputs_for
     assert saved_bytes(lambda: eager_experts(experts, hidden, indices, weights)) > 1.5 * budget
 
 
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("targets", [("experts",), ("gate_up_proj",), ("down_proj",), ()])
+def test_grouped_experts_recomputing_gate_up_keep_less_for_the_same_gradients(compile, targets) -> None:
+    hidden_size, inner, tokens, top_k = 64, 96, 50, 2
+    experts = experts_with_adapters(hidden=hidden_size, inner=inner, targets=targets)
+    hidden, indices, weights = routing_inputs(tokens, experts.num_experts, top_k, hidden_size)
+    grouped = GroupedExperts(compile=compile)
+    kept, kept_grads = experts_outputs_and_grads(grouped, experts, hidden, indices, weights, torch.float32)
+    kept_bytes = saved_bytes(lambda: grouped(experts, hidden, indices, weights))
+    experts.recompute_gate_up = True
+    again, again_grads = experts_outputs_and_grads(grouped, experts, hidden, indices, weights, torch.float32)
+    again_bytes = saved_bytes(lambda: grouped(experts, hidden, indices, weights))
+    assert torch.equal(again, kept)
+    for got, want in zip(again_grads, kept_grads, strict=True):
+        assert torch.equal(got, want)
+    assert kept_bytes - again_bytes >= 4 * tokens * top_k * 2 * inner  # the fp32 pre-activation
+    with torch.no_grad():  # nothing is kept without autograd: the flag changes nothing
+        assert torch.equal(grouped(experts, hidden, indices, weights), kept)
+
+
 def test_grouped_experts_leave_trainable_base_weights_to_the_eager_loop() -> None:
     experts = experts_with_adapters()
     assert GroupedExperts.can_run(experts, torch.float32)
@@ -617,12 +637,93 @@ def test_fused_loss_falls_back_when_lm_head_is_trainable() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_choose_checkpointed_layers_keeps_as_many_layers_as_fit() -> None:
+def gradients_under_plan(model: GptOss, batch, plan: RecomputePlan):
+    """(loss, LoRA gradients, how often each layer's forward ran) for one step under `plan`; the
+    model recomputes nothing afterwards."""
+    calls = [0] * len(model.model.layers)
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    plan.apply(model)
+    try:
+        loss, grads = lora_gradients(model, *batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_gradient_checkpointing(False)
+    return loss, grads, calls
+
+
+def test_gate_up_recomputation_trains_the_same_and_runs_no_layer_again() -> None:
+    model = small_model()
+    enable_fast_paths(model, compile=False)
+    batch = packed_batch(length=64)
+    expected_loss, expected = lora_gradients(model, *batch)
+    RecomputePlan(gate_up=(0, 1)).apply(model)
+    assert model.gate_up_recomputed_layers == frozenset({0, 1})
+    actual_loss, actual, calls = gradients_under_plan(model, batch, RecomputePlan(gate_up=(0, 1)))
+    assert model.gate_up_recomputed_layers == frozenset()
+    assert calls == [1, 1]
+    assert actual_loss == expected_loss
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+
+
+def test_a_layer_is_either_checkpointed_or_recomputes_its_gate_up() -> None:
+    model = small_model()
+    with pytest.raises(ValueError, match=r"layers \[1\] are both checkpointed"):
+        model.set_gradient_checkpointing([1], recompute_gate_up=[1])
+    model.set_gradient_checkpointing([0], recompute_gate_up=[1])
+    assert model.model.checkpointed_layers == frozenset({0})
+    assert model.gate_up_recomputed_layers == frozenset({1})
+    assert RecomputePlan((0,), (1,)).describe(2) == "1 of 2 layers recomputed, the experts' gate_up in 1 more"
+    measured = LayerMemory(
+        3 << 29, 1 << 27, 0, gate_up_saved=1 << 29, forward_seconds=0.009, gate_up_seconds=0.0034
+    )
+    assert measured.describe() == (
+        "a layer keeps 1.50 GiB (checkpointed 0.12), 0.50 with its gate_up recomputed; "
+        "recomputing it costs 9.0 ms, its gate_up 3.4 ms"
+    )
+
+
+def test_recompute_plan_checkpoints_as_few_layers_as_fit() -> None:
     layer = LayerMemory(saved=10, checkpointed=1, transient=0)
-    assert choose_checkpointed_layers(4, layer, available=40) == []  # 4 * 10 fits
-    assert choose_checkpointed_layers(4, layer, available=22) == [0, 1]  # 2 * 10 + 2 * 1
-    assert choose_checkpointed_layers(4, layer, available=3) == [0, 1, 2, 3]  # not even 4 * 1
-    assert choose_checkpointed_layers(4, LayerMemory(1, 1, 0), available=0) == []  # nothing to gain
+    assert choose_recompute_plan(4, layer, available=40) == RecomputePlan()  # 4 * 10 fits
+    assert choose_recompute_plan(4, layer, available=22) == RecomputePlan((0, 1))  # 2 * 1 + 2 * 10
+    assert choose_recompute_plan(4, layer, available=21) == RecomputePlan((0, 1, 2))
+    # Nothing fits: the plan that keeps least, every layer checkpointed. (Checkpointing the last one
+    # does not lower the backward peak, its backward starts by recomputing it, but it keeps less
+    # while the loss runs.)
+    assert choose_recompute_plan(4, layer, available=3) == RecomputePlan((0, 1, 2, 3))
+    assert plan_peak_bytes(4, layer, RecomputePlan((0, 1, 2))) == 3 * 1 + 10
+    assert plan_peak_bytes(4, layer, RecomputePlan((0, 1, 2, 3))) == 3 * 1 + 1 + 10
+    # checkpointing that gains nothing is never chosen
+    assert choose_recompute_plan(4, LayerMemory(1, 1, 0), available=0) == RecomputePlan()
+
+
+def test_recompute_plan_counts_each_layers_transient_when_its_backward_runs() -> None:
+    layer = LayerMemory(saved=10, checkpointed=1, transient=5, gate_up_saved=4, gate_up_transient=12)
+    # backward of the last layer (keeps all) peaks at 3 * 4 + 10 + 5; of layer 2 at 2 * 4 + 4 + 12
+    assert plan_peak_bytes(4, layer, RecomputePlan((), (0, 1, 2))) == 27
+    assert plan_peak_bytes(4, layer, RecomputePlan((), (0, 1, 2, 3))) == 3 * 4 + 16
+
+
+def test_recompute_plan_takes_the_cheaper_way_per_byte() -> None:
+    # gate_up saves 6 for 1 s, a checkpoint 9 for 3 s
+    layer = LayerMemory(10, 1, 0, gate_up_saved=4, forward_seconds=3.0, gate_up_seconds=1.0)
+    assert choose_recompute_plan(4, layer, available=34) == RecomputePlan((), (0,))
+    assert choose_recompute_plan(4, layer, available=22) == RecomputePlan((), (0, 1, 2))
+    assert choose_recompute_plan(4, layer, available=22, policy="layers") == RecomputePlan((0, 1))
+    assert choose_recompute_plan(4, layer, available=16) == RecomputePlan((), (0, 1, 2, 3))  # 3 * 4 + 4
+    # 15 needs a checkpoint: one layer, and gate_up in the other three (3 s + 3 s)
+    assert choose_recompute_plan(4, layer, available=15) == RecomputePlan((0,), (1, 2, 3))
+    pricier = LayerMemory(10, 1, 0, gate_up_saved=4, forward_seconds=3.0, gate_up_seconds=2.5)
+    assert choose_recompute_plan(4, pricier, available=22) == RecomputePlan((0, 1))
+    # unmeasured or useless gate_up recomputation is never chosen
+    assert choose_recompute_plan(4, LayerMemory(10, 1, 0), available=22) == RecomputePlan((0, 1))
+    useless = LayerMemory(10, 1, 0, gate_up_saved=10, gate_up_seconds=0.0)
+    assert choose_recompute_plan(4, useless, available=22) == RecomputePlan((0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -720,18 +821,7 @@ def test_selective_checkpointing_recomputes_only_the_chosen_layers() -> None:
     model = small_model()
     batch = packed_batch(length=64)
     _, expected = lora_gradients(model, *batch)
-    calls = [0, 0]
-    hooks = [
-        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    model.set_gradient_checkpointing([1])
-    try:
-        _, actual = lora_gradients(model, *batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.set_gradient_checkpointing(False)
+    _, actual, calls = gradients_under_plan(model, batch, RecomputePlan((1,)))
     assert calls == [1, 2]  # layer 1 ran again in backward
     for name, grad in expected.items():
         assert relative_error(actual[name], grad) <= FP32_TOLERANCE, name

@@ -311,6 +311,12 @@ def test_long_context_lengths_must_be_tile_multiples() -> None:
         BenchOptions(long_context=(1000,)).validate()
 
 
+def test_recompute_policy_is_checked() -> None:
+    assert BenchOptions(recompute="auto").validate().recompute == "auto"
+    with pytest.raises(GptossTuneError, match="Unknown --recompute 'everything'; choose layers, auto"):
+        BenchOptions(recompute="everything").validate()
+
+
 # ---------------------------------------------------------------------------------------------------
 # MXFP4 expert storage (`--expert-storage mxfp4`)
 # ---------------------------------------------------------------------------------------------------

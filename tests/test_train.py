@@ -273,3 +273,12 @@ def test_memory_budget_is_a_number_of_gib_or_auto(tmp_path):
     for recipe in ("gpt-oss-20b-multilingual-thinking.yaml", "gpt-oss-120b-multilingual-thinking.yaml"):
         resolved = resolve_config(Path(__file__).parents[1] / "recipes" / recipe, {"output": "o"})
         assert resolved.memory_budget_gib == "auto" and resolved.gradient_checkpointing
+        assert resolved.recompute == "layers"
+
+
+def test_recompute_policy_is_layers_or_auto():
+    base = {"model": "m", "data": "d", "output": "o"}
+    assert resolve_config(None, base).recompute == "layers"
+    assert resolve_config(None, base | {"recompute": "auto"}).recompute == "auto"
+    with pytest.raises(GptossTuneError, match="Unknown --recompute 'gate_up': use layers, auto"):
+        resolve_config(None, base | {"recompute": "gate_up"})

@@ -124,6 +124,11 @@ def check_grouped_experts_on_cpu(tokens: int, hidden: int, inner: int) -> None:
     assert relative_error(actual, expected) <= BF16_TOLERANCE
     for got, want in zip(actual_grads, expected_grads, strict=True):
         assert relative_error(got, want) <= BF16_TOLERANCE
+    experts.recompute_gate_up = True  # backward runs the gate_up forward again: the same numbers
+    again, again_grads = experts_outputs_and_grads(grouped, experts, states, indices, weights, torch.bfloat16)
+    assert torch.equal(again, actual)
+    for got, want in zip(again_grads, actual_grads, strict=True):
+        assert torch.equal(got, want)
 
 
 def run_all_on_cpu() -> None:

@@ -318,6 +318,14 @@ def train(
             show_default="none",
         ),
     ] = None,
+    recompute: Annotated[
+        str,
+        typer.Option(
+            help="With --memory-budget-gib, what layers that do not fit recompute in backward: layers (the "
+            "whole layer) or auto (also just the experts' gate_up projection, the largest activation, for one "
+            "GEMM; the plan with the least measured time is taken)."
+        ),
+    ] = "layers",
     kernels: Annotated[
         str,
         typer.Option(
@@ -427,6 +435,14 @@ def bench(
         float,
         typer.Option(help="Ours checkpoints only the layers this budget needs (<= 0: no checkpointing)."),
     ] = 60.0,
+    recompute: Annotated[
+        str,
+        typer.Option(
+            help="Under --memory-budget-gib, what ours' layers that do not fit recompute in backward: layers (the "
+            "whole layer) or auto (also just the experts' gate_up projection, the largest activation, for one "
+            "GEMM; the plan with the least measured time is taken)."
+        ),
+    ] = "layers",
     loss_chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk of ours' fused loss.")] = 2048,
     compile: Annotated[bool, typer.Option(help="torch.compile ours' kernels.")] = True,
     stock_checkpointing: Annotated[
@@ -522,6 +538,7 @@ def bench(
         lora_targets=lora_targets,
         compile=compile,
         memory_budget_gib=memory_budget_gib if memory_budget_gib > 0 else None,
+        recompute=recompute,
         loss_chunk_tokens=loss_chunk_tokens,
         stock_checkpointing=stock_checkpointing,
         attention=attention,

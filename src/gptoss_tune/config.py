@@ -15,7 +15,7 @@ import yaml
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony.render import DEFAULT_DATE
-from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS
+from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS, RECOMPUTE_POLICIES
 from gptoss_tune.model.mxfp4 import EXPERT_STORAGES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -67,6 +67,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # GPU: checkpoint only as many layers as this budget needs; "auto": the GPU's free memory less headroom
     memory_budget_gib: float | str | None = None
+    recompute: str = "layers"  # under a budget: layers (whole layers), auto (also the experts' gate_up alone)
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager
     attention: str = "auto"  # the fast paths' attention: auto (FlashAttention-4 if installed), flash, flex
     expert_gemm: str = "auto"  # the fast paths' expert GEMMs: auto, quack, quack-fused, torch
@@ -100,6 +101,10 @@ class TrainConfig:
         if self.sharding not in SHARDINGS:
             raise GptossTuneError(f"Unknown --sharding '{self.sharding}': use ddp or fsdp.")
         self.memory_budget_gib = parse_memory_budget(self.memory_budget_gib)
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise GptossTuneError(
+                f"Unknown --recompute '{self.recompute}': use {', '.join(RECOMPUTE_POLICIES)}."
+            )
         if self.schedule not in SCHEDULES:
             raise GptossTuneError(f"Unknown --schedule '{self.schedule}': use one of {', '.join(SCHEDULES)}.")
         positive = ("lora_rank", "tokens_per_batch", "grad_accum", "epochs", "keep_last", "log_every", "gpus")

@@ -26,6 +26,7 @@ from gptoss_tune.kernels import (
 from gptoss_tune.kernels.attention import kernel_options_for
 from gptoss_tune.kernels.grouped_gemm import quack, quack_moe
 from gptoss_tune.kernels.memory import (
+    RecomputePlan,
     auto_budget_bytes,
     measure_layer_memory,
     measure_loss_memory,
@@ -379,6 +380,12 @@ def assert_backend_as_accurate(
         leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
         grouped = GroupedExperts(compile=True, gemm=ExpertGemm(backend))
         runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
+    return assert_second_run_as_accurate(experts, hidden, indices, weights, runs)
+
+
+def assert_second_run_as_accurate(experts: Experts, hidden, indices, weights, runs: list) -> tuple:
+    """Two bf16 runs' (output, gradients) of the experts, each against the fp32 eager loop on the
+    same inputs: the second must be about as close as the first. Returns its gradients."""
     truth_hidden, truth_weights = as_fp32_leaves([hidden, weights], 2)
     truth = experts_and_grads(
         eager_experts, copy.deepcopy(experts).float(), truth_hidden, indices, truth_weights, torch.float32
@@ -442,6 +449,36 @@ def test_fused_gate_up_epilogue_without_adapters() -> None:
         ("output", "hidden", "routing weights"), runs[1], runs[0], truth, strict=True
     ):
         assert_as_accurate(name, got, baseline, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "quack", "quack-fused"])
+def test_recomputing_the_gate_up_in_backward_is_as_accurate_as_keeping_it(backend) -> None:
+    """At gpt-oss-20b's expert shape, each GEMM backend: backward that runs the gate_up forward
+    again gives gradients as close to the fp32 eager loop's as backward from the kept pre-activation,
+    and the forward keeps at least the bf16 pre-activation [S, 2I] less."""
+    if backend != "torch" and (quack() is None or torch.cuda.get_device_capability() != (9, 0)):
+        pytest.skip("needs quack-kernels on an H100/H200")
+    if backend == "quack-fused" and quack_moe() is None:
+        pytest.skip("needs quack-kernels with its epilogue frontend")
+    experts = experts_on_cuda(torch.bfloat16, 2880, 2880, 32, 8)
+    tokens = 2000
+    generator = torch.Generator(device=DEVICE).manual_seed(6)
+    indices = torch.randint(0, 30, (tokens, 4), generator=generator, device=DEVICE)
+    weights = torch.softmax(torch.randn(tokens, 4, generator=generator, device=DEVICE), -1).bfloat16()
+    hidden = torch.randn(tokens, 2880, generator=generator, device=DEVICE).bfloat16()
+    grouped = GroupedExperts(compile=True, gemm=ExpertGemm(backend))
+    runs, kept = [], []
+    for recompute in (False, True):
+        experts.recompute_gate_up = recompute
+        leaves = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+        runs.append(experts_and_grads(grouped, experts, leaves[0], indices, leaves[1], torch.bfloat16))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = grouped(experts, leaves[0], indices, leaves[1])
+        kept.append(torch.cuda.memory_allocated() - before - out.numel() * out.element_size())
+        del out
+    assert_second_run_as_accurate(experts, hidden, indices, weights, runs)
+    assert kept[0] - kept[1] >= 4 * tokens * 2 * 2880 * 2
 
 
 def test_fused_gate_up_epilogue_only_where_quack_runs() -> None:
@@ -599,9 +636,31 @@ def test_checkpointing_plan_follows_the_budget(flex, grouped) -> None:
     loss_peak = measure_loss_memory(model, LENGTH)
     assert hidden_grad_bytes < loss_peak <= 2 * hidden_grad_bytes + 3 * chunk_logits_bytes
     roomy = torch.cuda.memory_allocated() + 10 * 1024**3
-    assert plan_activation_checkpointing(model, LENGTH, roomy) == []
-    assert plan_activation_checkpointing(model, LENGTH, torch.cuda.memory_allocated()) == [0, 1]
+    assert plan_activation_checkpointing(model, LENGTH, roomy) == RecomputePlan()
+    assert plan_activation_checkpointing(model, LENGTH, torch.cuda.memory_allocated()) == RecomputePlan(
+        (0, 1)
+    )
     assert model.model.checkpointed_layers == frozenset({0, 1})
+    assert model.gate_up_recomputed_layers == frozenset()
+
+
+def test_gate_up_recomputation_is_measured_and_trains_like_keeping_all(flex, grouped) -> None:
+    """The measured layer keeps less when its experts recompute their gate_up (the layer's setting
+    is left as it was), and a model whose layers all do so gives the loss and the LoRA gradients of
+    one that keeps everything, within bf16 noise (the GPU's GEMMs are not bit-repeatable)."""
+    model = small_model()
+    model.set_kernels(attention=flex, experts=grouped)
+    layer = measure_layer_memory(model, LENGTH)
+    assert layer.gate_up_saved is not None and layer.gate_up_saved < layer.saved
+    assert layer.forward_seconds > 0 and layer.gate_up_seconds >= 0
+    assert not model.model.layers[0].mlp.experts.recompute_gate_up
+    kept_loss, kept = loss_and_lora_grads(model)
+    RecomputePlan(gate_up=(0, 1)).apply(model)
+    again_loss, again = loss_and_lora_grads(model)
+    model.set_gradient_checkpointing(False)
+    assert abs(again_loss - kept_loss) <= 1e-3 * abs(kept_loss)
+    for name, grad in kept.items():
+        assert relative_error(again[name], grad) <= BF16_SLACK, name
 
 
 def test_auto_memory_budget_counts_our_memory_and_leaves_headroom() -> None:

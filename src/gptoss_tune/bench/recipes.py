@@ -60,6 +60,7 @@ class RecipeOptions:
     row_length: int  # ours: the length of its packed rows (the checkpointing plan measures it)
     compile: bool = True
     memory_budget_bytes: int | None = None  # ours: selective checkpointing budget (None: none)
+    recompute: str = "layers"  # ours under the budget: layers, or auto (also the experts' gate_up alone)
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours: auto, flash or flex (gptoss_tune.kernels.make_attention)
@@ -229,7 +230,8 @@ class OursRecipe(Recipe):
             self._enable_kernels(model)
         else:
             model.set_gradient_checkpointing(True)
-        self.notes["checkpointed_layers"] = len(model.model.checkpointed_layers)
+        checkpointed, gate_up = len(model.model.checkpointed_layers), len(model.gate_up_recomputed_layers)
+        self.notes["checkpointed_layers"] = f"{checkpointed} + {gate_up} gate_up" if gate_up else checkpointed
         self.make_optimizer()
 
     def _enable_kernels(self, model: GptOss) -> None:
@@ -248,7 +250,10 @@ class OursRecipe(Recipe):
             self.notes["dequantize"] = "compiled"
         budget = self.options.memory_budget_bytes
         if self.device.type == "cuda" and budget is not None:
-            plan_activation_checkpointing(model, self.options.row_length, budget)
+            plan = plan_activation_checkpointing(
+                model, self.options.row_length, budget, policy=self.options.recompute
+            )
+            self.notes["memory_plan"] = plan.measured.describe()
         else:
             model.set_gradient_checkpointing(budget is not None)
 

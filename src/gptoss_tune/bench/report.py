@@ -131,6 +131,11 @@ def markdown(report: BenchReport) -> str:
     kernels = [
         f"Kernels of {r.recipe}: {r.notes['kernels']}." for r in report.results if r.notes.get("kernels")
     ]
+    kernels += [
+        f"Memory plan of {r.recipe}{'' if r.length is None else f' at {r.length:,} tokens'}: {r.notes['memory_plan']}."
+        for r in report.results
+        if r.notes.get("memory_plan")
+    ]
     parts = [describe_meta(report.meta), *kernels, "", table]
     if report.components:
         parts += ["", components_table(report.components)]

@@ -50,7 +50,7 @@ from gptoss_tune.bench.weights import (
 from gptoss_tune.config import SHARDINGS
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS, FastPaths
+from gptoss_tune.kernels import ATTENTION_BACKENDS, EXPERT_GEMMS, RECOMPUTE_POLICIES, FastPaths
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import LoraOptions
 from gptoss_tune.model.presets import preset_config
@@ -74,6 +74,7 @@ class BenchOptions:
     lora_targets: str = "attn,experts"
     compile: bool = True
     memory_budget_gib: float | None = 60.0
+    recompute: str = "layers"  # ours under the budget: layers, or auto (also the experts' gate_up alone)
     loss_chunk_tokens: int = 2048
     stock_checkpointing: bool = True
     attention: str = "auto"  # ours' attention: auto, flash or flex
@@ -109,6 +110,10 @@ class BenchOptions:
         if self.expert_gemm not in EXPERT_GEMMS:
             raise GptossTuneError(
                 f"Unknown --expert-gemm '{self.expert_gemm}'; choose {', '.join(EXPERT_GEMMS)}."
+            )
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise GptossTuneError(
+                f"Unknown --recompute '{self.recompute}'; choose {', '.join(RECOMPUTE_POLICIES)}."
             )
         if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")
@@ -403,6 +408,7 @@ class Bench:
             row_length=row_length,
             compile=self.options.compile,
             memory_budget_bytes=int(budget * GIB) if budget is not None else None,
+            recompute=self.options.recompute,
             loss_chunk_tokens=self.options.loss_chunk_tokens,
             stock_checkpointing=self.options.stock_checkpointing,
             attention=self.options.attention,
@@ -520,6 +526,7 @@ class Bench:
             "lora": f"r={self.options.lora_rank}, alpha={self.options.lora_alpha:g}, "
             f"targets={','.join(self.options.lora().target_names())}",
             "memory_budget_gib": self.options.memory_budget_gib,
+            "recompute": self.options.recompute,
             "weights_gib": round(self.weights_gib(), 2),
             "dtype": str(self.dtype).removeprefix("torch."),
             "expert_storage": self.options.expert_storage,

@@ -10,7 +10,8 @@
   GEMM each way.
 - `loss.FusedLinearCrossEntropy`: chunked linear cross-entropy that computes the hidden gradient
   in forward (two lm_head GEMMs per trained token instead of three).
-- `memory.plan_activation_checkpointing`: checkpoint only the layers the memory budget needs.
+- `memory.plan_activation_checkpointing`: recompute in backward only what the memory budget needs
+  (whole layers, or only the experts' gate_up projection, whichever costs less time).
 - compiled RMSNorm and rotary embedding (`torch.compile` of the model's own functions): one kernel
   each way instead of a chain of elementwise ones between the GEMMs.
 
@@ -29,7 +30,7 @@ from gptoss_tune.kernels.attention import FlexAttention
 from gptoss_tune.kernels.flash_attention import FlashAttention
 from gptoss_tune.kernels.grouped_gemm import EXPERT_GEMMS, ExpertGemm
 from gptoss_tune.kernels.loss import DEFAULT_CHUNK_TOKENS, FusedLinearCrossEntropy
-from gptoss_tune.kernels.memory import plan_activation_checkpointing
+from gptoss_tune.kernels.memory import RECOMPUTE_POLICIES, RecomputePlan, plan_activation_checkpointing
 from gptoss_tune.kernels.moe import GroupedExperts
 from gptoss_tune.kernels.projections import StackedProjections
 from gptoss_tune.model.gpt_oss import GptOss, NormFn, RotaryFn, rms_norm, rotate_query_key
@@ -46,6 +47,8 @@ __all__ = [
     "FlexAttention",
     "FusedLinearCrossEntropy",
     "GroupedExperts",
+    "RECOMPUTE_POLICIES",
+    "RecomputePlan",
     "StackedProjections",
     "compile_mxfp4_dequantization",
     "enable_fast_paths",

@@ -1,23 +1,30 @@
-"""Selective activation checkpointing: recompute only as many layers as the memory budget needs.
+"""Selective recomputation: recompute only what the memory budget needs, where it costs least.
 
-A layer that is not checkpointed keeps its activations for backward; a checkpointed one keeps only
-its input and recomputes the rest in backward (one extra forward of that layer). On the GPU the
-cost of both is measured on one real layer at the micro-batch's length (`measure_layer_memory`),
-then `choose_checkpointed_layers` leaves as many layers un-checkpointed as fit:
+Each decoder layer keeps its activations for backward in one of three ways:
 
-    peak ~ now_allocated + optimizer + loss + transient + n * saved + (L - n) * checkpointed  <= budget
+- it recomputes nothing and keeps all of them (`LayerMemory.saved`);
+- its experts keep no gate_up pre-activation and run the gate_up forward again in backward
+  (`Experts.recompute_gate_up`; the largest tensor a layer keeps, for one grouped GEMM);
+- it is checkpointed: it keeps only its input and runs its whole forward again in backward.
 
-where the loss's peak is measured too (`measure_loss_memory`: the installed loss function on
-`tokens` trained positions), so a loss that keeps less (the Triton chunk writes its gradient over
-its logits) leaves more room for activations.
+On the GPU, `measure_layer_memory` runs one real layer at the micro-batch's length each way and
+measures what it keeps, its transient peak and what the recomputation adds to its time. Then
+`choose_recompute_plan` takes the plan with the least added time whose peak fits:
 
-The first layers are the ones recomputed (any choice gives the same peak; all activations are
-alive when backward starts).
+    peak = fixed + max over layers i (backward runs from the last) of
+           kept by layers below i + what layer i holds while its backward runs  <= budget
+
+where fixed = now allocated + optimizer + the loss's measured peak (`measure_loss_memory`: the
+installed loss function on `tokens` trained positions, so a loss that keeps less leaves more room
+for activations). The first layers are the checkpointed ones, then the layers that recompute their
+gate_up: all activations are alive when backward starts, so these hold their transients when the
+rest has been freed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -27,26 +34,117 @@ from gptoss_tune.model.gpt_oss import GptOss, document_ids
 GIB = 1024**3
 ADAM_STATE_COPIES = 3  # gradient + two moments, fp32 like the adapters
 AUTO_HEADROOM = 0.08  # of the GPU's memory, kept free by an "auto" budget (allocator slack, NCCL buffers)
+RECOMPUTE_POLICIES = ("layers", "auto")  # whole layers only; or also the experts' gate_up alone
 
 
 @dataclass(frozen=True)
 class LayerMemory:
-    """Bytes one decoder layer needs at a given micro-batch length."""
+    """Bytes one decoder layer keeps for backward and holds while it runs, at a given micro-batch
+    length, each way it can keep its activations; and the seconds each recomputation adds."""
 
-    saved: int  # activations kept for backward when the layer is not checkpointed
+    saved: int  # kept for backward when the layer recomputes nothing
     checkpointed: int  # kept when it is checkpointed: its input
-    transient: int  # extra peak while the layer runs its forward and backward
+    transient: int  # held beyond `saved` while its backward runs
+    gate_up_saved: int | None = None  # kept when its experts recompute their gate_up (None: not measured)
+    gate_up_transient: int = 0  # held beyond `gate_up_saved` while such a layer's backward runs
+    forward_seconds: float = 1.0  # what checkpointing the layer adds: one more forward
+    gate_up_seconds: float = 0.0  # what recomputing the experts' gate_up adds to its backward
+
+    @property
+    def gate_up_helps(self) -> bool:
+        return self.gate_up_saved is not None and self.gate_up_saved < self.saved
+
+    def describe(self) -> str:
+        text = f"a layer keeps {self.saved / GIB:.2f} GiB (checkpointed {self.checkpointed / GIB:.2f})"
+        if self.gate_up_saved is not None:
+            text += f", {self.gate_up_saved / GIB:.2f} with its gate_up recomputed"
+        text += f"; recomputing it costs {1000 * self.forward_seconds:.1f} ms"
+        if self.gate_up_saved is not None:
+            text += f", its gate_up {1000 * self.gate_up_seconds:.1f} ms"
+        return text
 
 
-def choose_checkpointed_layers(num_layers: int, layer: LayerMemory, available: int) -> list[int]:
-    """Indices of the layers to checkpoint so that kept activations fit in `available` bytes.
+@dataclass(frozen=True)
+class RecomputePlan:
+    """Which layers recompute what in backward: layer indices, disjoint."""
 
-    Every layer is checkpointed when even that does not fit (the caller reports the shortfall).
-    """
-    extra = max(layer.saved - layer.checkpointed, 0)
-    room = available - num_layers * layer.checkpointed
-    kept = num_layers if extra == 0 else min(num_layers, max(room, 0) // extra)
-    return list(range(num_layers - int(kept)))
+    checkpointed: tuple[int, ...] = ()
+    gate_up: tuple[int, ...] = ()
+    measured: LayerMemory | None = field(default=None, compare=False)  # what the plan was chosen from
+
+    def apply(self, model: GptOss) -> None:
+        model.set_gradient_checkpointing(self.checkpointed, recompute_gate_up=self.gate_up)
+
+    def describe(self, num_layers: int) -> str:
+        text = f"{len(self.checkpointed)} of {num_layers} layers recomputed"
+        return text + (f", the experts' gate_up in {len(self.gate_up)} more" if self.gate_up else "")
+
+
+def _held_while_backward(layer: LayerMemory, way: str) -> int:
+    """What a layer kept one `way` holds while its backward runs (a checkpointed layer first runs
+    its forward again, keeping everything)."""
+    if way == "checkpointed":
+        return layer.checkpointed + layer.saved + layer.transient
+    if way == "gate_up":
+        return layer.gate_up_saved + layer.gate_up_transient
+    return layer.saved + layer.transient
+
+
+def _kept(layer: LayerMemory, way: str) -> int:
+    return {"checkpointed": layer.checkpointed, "gate_up": layer.gate_up_saved, "all": layer.saved}[way]
+
+
+def _ways(num_layers: int, plan: RecomputePlan) -> list[str]:
+    ways = ["all"] * num_layers
+    for index in plan.checkpointed:
+        ways[index] = "checkpointed"
+    for index in plan.gate_up:
+        ways[index] = "gate_up"
+    return ways
+
+
+def plan_kept_bytes(num_layers: int, layer: LayerMemory, plan: RecomputePlan) -> int:
+    """What the layers keep for backward under `plan`, all together."""
+    return sum(_kept(layer, way) for way in _ways(num_layers, plan))
+
+
+def plan_peak_bytes(num_layers: int, layer: LayerMemory, plan: RecomputePlan) -> int:
+    """The activations' peak under `plan` (beyond the fixed memory): backward runs from the last
+    layer down; while layer i runs it, layers below i still keep theirs."""
+    below, peak = 0, 0
+    for way in _ways(num_layers, plan):
+        peak = max(peak, below + _held_while_backward(layer, way))
+        below += _kept(layer, way)
+    return peak
+
+
+def plan_seconds(layer: LayerMemory, plan: RecomputePlan) -> float:
+    """What `plan` adds to a step's time."""
+    return len(plan.checkpointed) * layer.forward_seconds + len(plan.gate_up) * layer.gate_up_seconds
+
+
+def choose_recompute_plan(
+    num_layers: int, layer: LayerMemory, available: int, policy: str = "auto"
+) -> RecomputePlan:
+    """The plan with the least added time whose peak fits in `available` bytes (ties: fewer
+    recomputed layers); when none fits, the one that keeps least (the caller reports the shortfall).
+    policy "layers" checkpoints whole layers only; "auto" may also have layers recompute only their
+    experts' gate_up."""
+    gate_up_counts = num_layers + 1 if policy == "auto" and layer.gate_up_helps else 1
+    plans = [
+        RecomputePlan(tuple(range(checkpointed)), tuple(range(checkpointed, checkpointed + gate_up)))
+        for checkpointed in range(num_layers + 1)
+        for gate_up in range(min(gate_up_counts, num_layers - checkpointed + 1))
+    ]
+    peaks = {plan: plan_peak_bytes(num_layers, layer, plan) for plan in plans}
+    fitting = [plan for plan in plans if peaks[plan] <= available]
+    if not fitting:
+        return min(
+            plans, key=lambda plan: (plan_kept_bytes(num_layers, layer, plan), plan_seconds(layer, plan))
+        )
+    return min(
+        fitting, key=lambda plan: (plan_seconds(layer, plan), len(plan.checkpointed), len(plan.gate_up))
+    )
 
 
 def _lora_parameter_bytes(model: GptOss) -> int:
@@ -96,40 +194,92 @@ def _random_layer_inputs(model: GptOss, tokens: int, dtype: torch.dtype, device:
     return hidden, cos, sin, document_ids(position_ids)
 
 
+TIMED_RUNS = 3  # per way of keeping activations, after one warm-up run; the median counts
+
+
+@dataclass(frozen=True)
+class _LayerRun:
+    saved: int  # bytes kept from forward to backward beyond the output
+    peak: int  # peak bytes of forward + backward
+    forward_seconds: float
+    backward_seconds: float
+
+
 def measure_layer_memory(
     model: GptOss, tokens: int, dtype: torch.dtype = torch.bfloat16, layer_index: int = 0
 ) -> LayerMemory:
-    """Run one layer forward and backward on random input (CUDA) and measure what it keeps and its
-    transient peak. Leaves no gradient behind. A first, unmeasured run warms up (compiles) the
-    layer's kernels and settles their caches (e.g. a block mask replaced during the measured
-    forward would otherwise count as negative memory)."""
+    """Run one layer forward and backward on random input (CUDA), keeping all its activations and
+    then with its experts recomputing their gate_up, and measure what it keeps, its transient peak
+    and its times. Leaves no gradient behind and the layer's setting as it was. A first, unmeasured
+    run each way warms up (compiles) the layer's kernels and settles their caches (e.g. a block mask
+    replaced during the measured forward would otherwise count as negative memory)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError("measure_layer_memory needs the model on a CUDA device")
     layer = model.model.layers[layer_index]
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
-        for _warmup_then_measure in range(2):
-            saved, peak = _layer_forward_backward_bytes(layer, hidden, cos, sin, documents)
-    checkpointed = tokens * model.config.hidden_size * dtype.itemsize
-    return LayerMemory(saved=max(saved, 0), checkpointed=checkpointed, transient=max(peak - saved, 0))
+    experts = layer.mlp.experts
+    setting = experts.recompute_gate_up
+    runs = {}
+    try:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
+            for recompute in (False, True):
+                experts.recompute_gate_up = recompute
+                _layer_forward_backward(layer, hidden, cos, sin, documents)  # warm-up
+                runs[recompute] = _median_run(
+                    [_layer_forward_backward(layer, hidden, cos, sin, documents) for _ in range(TIMED_RUNS)]
+                )
+    finally:
+        experts.recompute_gate_up = setting
+    keep_all, gate_up = runs[False], runs[True]
+    return LayerMemory(
+        saved=max(keep_all.saved, 0),
+        checkpointed=tokens * model.config.hidden_size * dtype.itemsize,
+        transient=max(keep_all.peak - keep_all.saved, 0),
+        gate_up_saved=max(gate_up.saved, 0),
+        gate_up_transient=max(gate_up.peak - gate_up.saved, 0),
+        forward_seconds=keep_all.forward_seconds,
+        gate_up_seconds=max(gate_up.backward_seconds - keep_all.backward_seconds, 0.0),
+    )
 
 
-def _layer_forward_backward_bytes(
+def _median_run(runs: list[_LayerRun]) -> _LayerRun:
+    """Memory of the last run (settled), the median of the times."""
+    return _LayerRun(
+        runs[-1].saved,
+        runs[-1].peak,
+        statistics.median(run.forward_seconds for run in runs),
+        statistics.median(run.backward_seconds for run in runs),
+    )
+
+
+def _layer_forward_backward(
     layer: torch.nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor
-) -> tuple[int, int]:
-    """(bytes kept from forward to backward beyond the output, peak bytes of forward + backward)."""
+) -> _LayerRun:
     device = hidden.device
+    started, forward_done, backward_done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     before = _start_measuring(device)
+    started.record()
     output: Tensor = layer(hidden, cos, sin, documents)
+    forward_done.record()
     torch.cuda.synchronize(device)
     saved = torch.cuda.memory_allocated(device) - before - output.numel() * output.element_size()
-    output.backward(torch.randn_like(output))
+    grad = torch.randn_like(output)
+    torch.cuda.synchronize(device)
+    backward_started = torch.cuda.Event(enable_timing=True)
+    backward_started.record()
+    output.backward(grad)
+    backward_done.record()
     peak = _peak_since(device, before)
     hidden.grad = None
     for param in layer.parameters():
         param.grad = None
-    return saved, peak
+    return _LayerRun(
+        saved,
+        peak,
+        started.elapsed_time(forward_done) / 1000,
+        backward_started.elapsed_time(backward_done) / 1000,
+    )
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -144,13 +294,16 @@ def plan_activation_checkpointing(
     tokens: int,
     budget_bytes: int,
     dtype: torch.dtype = torch.bfloat16,
-) -> list[int]:
-    """Measure, choose and apply: returns the checkpointed layer indices (set on the model)."""
+    policy: str = "layers",
+) -> RecomputePlan:
+    """Measure, choose and apply (on the model) the recomputation plan; see `choose_recompute_plan`
+    for `policy`."""
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"Unknown recompute policy '{policy}': use {', '.join(RECOMPUTE_POLICIES)}.")
     device = next(model.parameters()).device
     layer = measure_layer_memory(model, tokens, dtype)
     optimizer = ADAM_STATE_COPIES * _lora_parameter_bytes(model)
     fixed = torch.cuda.memory_allocated(device) + optimizer + measure_loss_memory(model, tokens, dtype)
-    available = budget_bytes - fixed - layer.transient
-    layers = choose_checkpointed_layers(len(model.model.layers), layer, available)
-    model.set_gradient_checkpointing(layers)
-    return layers
+    plan = choose_recompute_plan(len(model.model.layers), layer, budget_bytes - fixed, policy)
+    plan.apply(model)
+    return replace(plan, measured=layer)

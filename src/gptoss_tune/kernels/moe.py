@@ -31,7 +31,10 @@ recomputed in backward inside the one fused kernel that backpropagates through i
 weights' gradient comes from the down projection's input gradient (<dL/dy, act V> = <(dL/dy) V^T,
 act>), so neither the activation, nor the down output, nor the gathered rows are saved: about 1 GiB
 less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into fewer recomputed
-layers. The base weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
+layers. Where the planner asks for it (`Experts.recompute_gate_up`), the pre-activation is not kept
+either (at 16k tokens of gpt-oss-20b, 0.75 GB of the ~1.3 GB a layer keeps): backward runs the
+gate_up forward again, one grouped GEMM and its epilogue instead of the whole layer. The base
+weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
 
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
 "epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere.
@@ -399,6 +402,7 @@ class _Layer:
     epilogues: Epilogues
     gemm: ExpertGemm
     fused: bool  # the gate_up forward with bias, LoRA term and SwiGLU in quack's GEMM (`quack_moe`)
+    recompute_gate_up: bool = False  # keep no pre-activation: backward runs the gate_up forward again
 
     @property
     def offsets(self) -> Tensor:
@@ -528,8 +532,10 @@ class _LoraExperts(torch.autograd.Function):
 
     Saves only the token rows, the pre-activation gate_up [S, 2I] and two [S, r] low-rank inputs;
     backward recomputes the SwiGLU and gets the routing weights' gradient from the down projection's
-    input gradient, so neither the activation nor the down output is kept. The base weights are
-    frozen and fetched again in backward.
+    input gradient, so neither the activation nor the down output is kept. With
+    `layer.recompute_gate_up` the pre-activation and the gate_up LoRA's inputs are not kept either:
+    backward computes them again from the token rows. The base weights are frozen and fetched again
+    in backward.
     """
 
     @staticmethod
@@ -539,6 +545,8 @@ class _LoraExperts(torch.autograd.Function):
             pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
             # rounded to out_dtype inside the epilogue: the gradient then arrives in out_dtype too
             out, down_inputs = _down_forward(layer, activated, weights, out_dtype)
+        if layer.recompute_gate_up:
+            pre_activation = gate_up_inputs = None
         ctx.save_for_backward(tokens, pre_activation, weights, gate_up_inputs, down_inputs)
         ctx.layer, ctx.weights_dtype = layer, expert_weights.dtype
         return out
@@ -548,6 +556,9 @@ class _LoraExperts(torch.autograd.Function):
         tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
         layer: _Layer = ctx.layer
         with torch.autocast(tokens.device.type, enabled=False):
+            if layer.recompute_gate_up:
+                pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
+                del activated  # the activation backward recomputes it, as when the pre-activation is kept
             grad_pre_activation, grad_weights, down_grads = _down_backward(
                 layer, grad_out.to(tokens.dtype), pre_activation, weights, down_inputs
             )
@@ -630,7 +641,10 @@ class GroupedExperts:
         adapters = _Adapter.of(gate_up, dtype), _Adapter.of(down, dtype)
         tokens = hidden.to(dtype)
         fused = self.gemm.fuses(tokens)
-        layer = _Layer(experts, routing, *adapters, self.epilogues(hidden.device), self.gemm, fused)
+        layer = _Layer(
+            experts, routing, *adapters, self.epilogues(hidden.device), self.gemm, fused,
+            recompute_gate_up=experts.recompute_gate_up and torch.is_grad_enabled(),
+        )  # fmt: skip
         return _LoraExperts.apply(
             tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype
         )

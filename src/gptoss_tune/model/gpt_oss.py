@@ -344,6 +344,11 @@ class Experts(nn.Module):
     state-dict keys of MXFP4 checkpoints. Compute reads weights only through `gate_up_weight()` /
     `down_weight()` (dense, in the biases' dtype) and keeps no reference to them for backward
     (`gptoss_tune.model.mxfp4.frozen_weight_op`), so dequantized weights live for one layer only.
+
+    `recompute_gate_up` asks an `ExpertsFn` to keep no gate_up output for backward and to compute it
+    again there (a cheaper memory saving than checkpointing the whole layer; see
+    `gptoss_tune.kernels.memory`). The grouped-GEMM experts honour it; the eager loop keeps what
+    autograd keeps.
     """
 
     PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -363,6 +368,7 @@ class Experts(nn.Module):
         self.down_lora: nn.Module | None = None
         self.shapes = {"gate_up_proj": (experts, hidden, 2 * inner), "down_proj": (experts, inner, hidden)}
         self.dequantize_fn: DequantizeFn = dequantize_experts
+        self.recompute_gate_up = False
 
     # --- storage ------------------------------------------------------------------------------------
 
@@ -517,12 +523,31 @@ class GptOss(nn.Module):
         hidden = self.hidden_states(input_ids, position_ids)
         return self.loss_fn(hidden, self.lm_head.weight, labels, position_ids)
 
-    def set_gradient_checkpointing(self, enabled: bool | Iterable[int] = True) -> None:
+    def set_gradient_checkpointing(
+        self, enabled: bool | Iterable[int] = True, recompute_gate_up: Iterable[int] = ()
+    ) -> None:
         """Recompute layer activations in backward: True for every layer, False for none, or the
-        indices of the layers to recompute (selective checkpointing)."""
+        indices of the layers to recompute (selective checkpointing). `recompute_gate_up`: other
+        layers whose experts recompute only their gate_up projection (`Experts.recompute_gate_up`)."""
         every_layer = range(len(self.model.layers))
         layers = enabled if not isinstance(enabled, bool) else every_layer if enabled else ()
-        self.model.checkpointed_layers = frozenset(int(index) for index in layers)
+        checkpointed = frozenset(int(index) for index in layers)
+        gate_up = frozenset(int(index) for index in recompute_gate_up)
+        if checkpointed & gate_up:
+            raise ValueError(
+                f"layers {sorted(checkpointed & gate_up)} are both checkpointed and set to recompute "
+                "their experts' gate_up: a checkpointed layer recomputes everything already"
+            )
+        self.model.checkpointed_layers = checkpointed
+        for index, layer in enumerate(self.model.layers):
+            layer.mlp.experts.recompute_gate_up = index in gate_up
+
+    @property
+    def gate_up_recomputed_layers(self) -> frozenset[int]:
+        """The layers whose experts recompute their gate_up projection in backward."""
+        return frozenset(
+            i for i, layer in enumerate(self.model.layers) if layer.mlp.experts.recompute_gate_up
+        )
 
     def set_kernels(
         self,

@@ -25,7 +25,7 @@ from gptoss_tune.data.pack import collate
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens as T
-from gptoss_tune.kernels import enable_fast_paths, plan_activation_checkpointing
+from gptoss_tune.kernels import RecomputePlan, enable_fast_paths, plan_activation_checkpointing
 from gptoss_tune.kernels.memory import GIB, auto_budget_bytes
 from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.gpt_oss import GptOss
@@ -228,7 +228,7 @@ def build_model(
             else int(config.memory_budget_gib * GIB)
         )
         # Measures a real layer's forward and backward (leaving no gradient): before DDP's hooks exist.
-        plan_activation_checkpointing(model, config.tokens_per_batch, budget)
+        plan_activation_checkpointing(model, config.tokens_per_batch, budget, policy=config.recompute)
     return model, wrap_ddp(model, device, info), params
 
 
@@ -260,8 +260,8 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
         report = trainable_parameter_report(model)
         log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
         log(f"expert storage: {expert_storage_label(model, dtype)}")
-        checkpointed = len(model.model.checkpointed_layers)
-        log(f"activation checkpointing: {checkpointed} of {len(model.model.layers)} layers recomputed")
+        plan = RecomputePlan(tuple(model.model.checkpointed_layers), tuple(model.gate_up_recomputed_layers))
+        log(f"activation checkpointing: {plan.describe(len(model.model.layers))}")
     optimizer = torch.optim.AdamW(
         list(params.values()),
         lr=config.lr,
