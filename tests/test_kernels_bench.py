@@ -389,6 +389,8 @@ def test_bench_with_mxfp4_experts_runs_ours_on_a_cpu_and_records_the_storage(tmp
         "--recipes",
         "ours,ours-eager",
         "--no-compile",
+        "--recompute",
+        "auto",
         "--device",
         "cpu",
         "--output",
@@ -401,6 +403,7 @@ def test_bench_with_mxfp4_experts_runs_ours_on_a_cpu_and_records_the_storage(tmp
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert report["meta"]["expert_storage"] == "mxfp4"
+    assert report["meta"]["recompute"] == "auto"
     by_recipe = {r["recipe"]: r for r in report["results"]}
     assert [r["status"] for r in by_recipe.values()] == ["ok", "ok"]
     assert report["meta"]["loss_reference"] == "ours-eager"
@@ -409,6 +412,7 @@ def test_bench_with_mxfp4_experts_runs_ours_on_a_cpu_and_records_the_storage(tmp
     recorded = record_file.read_text()
     assert "--expert-storage mxfp4" in recorded and "mxfp4 experts" in recorded
     assert "experts stored MXFP4" in recorded and "| ours | ok |" in recorded
+    assert "ours recomputes whole layers or only their experts' gate_up" in recorded
 
 
 def test_bench_record_includes_the_components_table(tmp_path, monkeypatch) -> None:

@@ -97,6 +97,12 @@ def _kernel_packages(meta: dict) -> str:
     return "".join(f", {name} {version}" for name, version in meta.get("kernel_packages", {}).items())
 
 
+def _recomputed(meta: dict) -> str:
+    if meta.get("recompute", "layers") == "auto":
+        return "whole layers or only their experts' gate_up (least measured time)"
+    return "whole layers"
+
+
 def describe_meta(meta: dict) -> str:
     lines = [
         f"{meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), transformers {meta['transformers']}, "
@@ -110,7 +116,7 @@ def describe_meta(meta: dict) -> str:
         )
         + f", {meta['warmup']} warm-up (plus one per new padded shape) + {meta['steps']} timed steps; "
         + (
-            f"ours checkpoints layers as a {meta['memory_budget_gib']} GiB budget needs; "
+            f"ours recomputes {_recomputed(meta)} as a {meta['memory_budget_gib']} GiB budget needs; "
             if meta["memory_budget_gib"]
             else "ours checkpoints no layer; "
         )
