@@ -50,6 +50,11 @@ def progress_bar(description: str, total: int | None = None):
 
 # --- prepare / inspect / make-data ---------------------------------------------------------------
 
+RECOMPUTE_HELP = (
+    "what layers that do not fit recompute in backward: layers (the whole layer) or auto (also just the "
+    "experts' gate_up projection, the largest activation, for one GEMM; the plan with the least measured "
+    "time is taken)."
+)
 DATA_HELP = (
     "A .jsonl/.json/.parquet/.csv file, a folder of them, a datasets.save_to_disk folder, a Hugging Face "
     "hub id (owner/name), or 'sample' for the bundled Multilingual-Thinking-shaped sample."
@@ -318,14 +323,7 @@ def train(
             show_default="none",
         ),
     ] = None,
-    recompute: Annotated[
-        str,
-        typer.Option(
-            help="With --memory-budget-gib, what layers that do not fit recompute in backward: layers (the "
-            "whole layer) or auto (also just the experts' gate_up projection, the largest activation, for one "
-            "GEMM; the plan with the least measured time is taken)."
-        ),
-    ] = "layers",
+    recompute: Annotated[str, typer.Option(help="With --memory-budget-gib: " + RECOMPUTE_HELP)] = "layers",
     kernels: Annotated[
         str,
         typer.Option(
@@ -436,12 +434,7 @@ def bench(
         typer.Option(help="Ours checkpoints only the layers this budget needs (<= 0: no checkpointing)."),
     ] = 60.0,
     recompute: Annotated[
-        str,
-        typer.Option(
-            help="Under --memory-budget-gib, what ours' layers that do not fit recompute in backward: layers (the "
-            "whole layer) or auto (also just the experts' gate_up projection, the largest activation, for one "
-            "GEMM; the plan with the least measured time is taken)."
-        ),
+        str, typer.Option(help="Ours, under --memory-budget-gib: " + RECOMPUTE_HELP)
     ] = "layers",
     loss_chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk of ours' fused loss.")] = 2048,
     compile: Annotated[bool, typer.Option(help="torch.compile ours' kernels.")] = True,

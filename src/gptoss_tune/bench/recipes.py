@@ -32,6 +32,7 @@ from gptoss_tune.data.pack import MicroBatch, collate
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import (
     FastPaths,
+    RecomputePlan,
     compile_mxfp4_dequantization,
     enable_fast_paths,
     plan_activation_checkpointing,
@@ -230,7 +231,8 @@ class OursRecipe(Recipe):
             self._enable_kernels(model)
         else:
             model.set_gradient_checkpointing(True)
-        checkpointed, gate_up = len(model.model.checkpointed_layers), len(model.gate_up_recomputed_layers)
+        plan = RecomputePlan.of(model)
+        checkpointed, gate_up = len(plan.checkpointed), len(plan.gate_up)
         self.notes["checkpointed_layers"] = f"{checkpointed} + {gate_up} gate_up" if gate_up else checkpointed
         self.make_optimizer()
 

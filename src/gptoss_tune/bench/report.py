@@ -134,15 +134,15 @@ def describe_meta(meta: dict) -> str:
 def markdown(report: BenchReport) -> str:
     long_context = any(r.length is not None for r in report.results)
     table = long_context_table(report.results) if long_context else throughput_table(report.results)
-    kernels = [
+    notes = [
         f"Kernels of {r.recipe}: {r.notes['kernels']}." for r in report.results if r.notes.get("kernels")
     ]
-    kernels += [
+    notes += [
         f"Memory plan of {r.recipe}{'' if r.length is None else f' at {r.length:,} tokens'}: {r.notes['memory_plan']}."
         for r in report.results
         if r.notes.get("memory_plan")
     ]
-    parts = [describe_meta(report.meta), *kernels, "", table]
+    parts = [describe_meta(report.meta), *notes, "", table]
     if report.components:
         parts += ["", components_table(report.components)]
     return "\n".join(parts) + "\n"

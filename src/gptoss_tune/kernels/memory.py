@@ -72,6 +72,13 @@ class RecomputePlan:
     gate_up: tuple[int, ...] = ()
     measured: LayerMemory | None = field(default=None, compare=False)  # what the plan was chosen from
 
+    @classmethod
+    def of(cls, model: GptOss) -> RecomputePlan:
+        """The plan `model` runs now."""
+        return cls(
+            tuple(sorted(model.model.checkpointed_layers)), tuple(sorted(model.gate_up_recomputed_layers))
+        )
+
     def apply(self, model: GptOss) -> None:
         model.set_gradient_checkpointing(self.checkpointed, recompute_gate_up=self.gate_up)
 
@@ -91,7 +98,10 @@ def _held_while_backward(layer: LayerMemory, way: str) -> int:
 
 
 def _kept(layer: LayerMemory, way: str) -> int:
-    return {"checkpointed": layer.checkpointed, "gate_up": layer.gate_up_saved, "all": layer.saved}[way]
+    """What a layer kept one `way` keeps from its forward until its backward."""
+    if way == "checkpointed":
+        return layer.checkpointed
+    return layer.gate_up_saved if way == "gate_up" else layer.saved
 
 
 def _ways(num_layers: int, plan: RecomputePlan) -> list[str]:

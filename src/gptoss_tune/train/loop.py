@@ -260,8 +260,7 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
         report = trainable_parameter_report(model)
         log("trainable parameters: " + ", ".join(f"{group} {count:,}" for group, count in report.items()))
         log(f"expert storage: {expert_storage_label(model, dtype)}")
-        plan = RecomputePlan(tuple(model.model.checkpointed_layers), tuple(model.gate_up_recomputed_layers))
-        log(f"activation checkpointing: {plan.describe(len(model.model.layers))}")
+        log(f"activation checkpointing: {RecomputePlan.of(model).describe(len(model.model.layers))}")
     optimizer = torch.optim.AdamW(
         list(params.values()),
         lr=config.lr,
