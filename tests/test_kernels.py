@@ -51,6 +51,8 @@ from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
     GptOss,
+    NormSource,
+    RMSNorm,
     attention_mask,
     chunked_causal_lm_loss,
     document_ids,
@@ -514,9 +516,47 @@ def test_grouped_experts_recomputing_gate_up_keep_less_for_the_same_gradients(co
     assert torch.equal(again, kept)
     for got, want in zip(again_grads, kept_grads, strict=True):
         assert torch.equal(got, want)
-    assert kept_bytes - again_bytes >= 4 * tokens * top_k * 2 * inner  # the fp32 pre-activation
+    # the fp32 pre-activation, less the token rows where only the recomputation reads them
+    reads_tokens_anyway = experts.gate_up_lora is not None
+    pre_activation, token_rows = 4 * tokens * top_k * 2 * inner, 4 * tokens * hidden_size
+    assert kept_bytes - again_bytes >= pre_activation - (0 if reads_tokens_anyway else token_rows)
     with torch.no_grad():  # nothing is kept without autograd: the flag changes nothing
         assert torch.equal(grouped(experts, hidden, indices, weights), kept)
+
+
+@pytest.mark.parametrize("recompute_gate_up", [False, True])
+@pytest.mark.parametrize("targets", [("experts",), ("down_proj",), ()])
+def test_grouped_experts_of_a_norms_output_keep_its_input_instead_for_the_same_gradients(
+    recompute_gate_up, targets
+) -> None:
+    hidden_size, tokens = 32, 40
+    experts = experts_with_adapters(hidden=hidden_size, targets=targets)
+    experts.recompute_gate_up = recompute_gate_up
+    pre_norm, indices, weights = routing_inputs(tokens, experts.num_experts, 2, hidden_size)
+    norm = RMSNorm(hidden_size, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(hidden_size, generator=torch.Generator().manual_seed(5)))
+    norm.requires_grad_(False)
+
+    def run(recompute_norm: bool) -> torch.Tensor:
+        grouped = GroupedExperts(compile=False, recompute_norm=recompute_norm)
+        return grouped(experts, norm(pre_norm), indices, weights, norm_source=NormSource(pre_norm, norm))
+
+    def outputs_and_grads(recompute_norm: bool):
+        out = run(recompute_norm)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        trainable = [p for p in experts.parameters() if p.requires_grad]
+        return out.detach(), torch.autograd.grad(out, [pre_norm, weights, *trainable], grad)
+
+    kept, kept_grads = outputs_and_grads(recompute_norm=False)
+    again, again_grads = outputs_and_grads(recompute_norm=True)
+    assert torch.equal(again, kept)
+    for got, want in zip(again_grads, kept_grads, strict=True):
+        assert torch.equal(got, want)
+    token_rows = 4 * tokens * hidden_size
+    reads_tokens = experts.gate_up_lora is not None or recompute_gate_up
+    saved = {flag: saved_bytes(lambda flag=flag: run(flag)) for flag in (False, True)}
+    assert saved[False] - saved[True] == (token_rows if reads_tokens else 0)
 
 
 def test_grouped_experts_leave_trainable_base_weights_to_the_eager_loop() -> None:
@@ -653,6 +693,24 @@ def gradients_under_plan(model: GptOss, batch, plan: RecomputePlan):
             hook.remove()
         model.set_gradient_checkpointing(False)
     return loss, grads, calls
+
+
+def test_fast_layers_keep_neither_norms_output_for_the_same_gradients() -> None:
+    model = small_model()
+    installed = enable_fast_paths(model, compile=False)
+    batch = packed_batch(length=64)
+    expected_loss, expected = lora_gradients(model, *batch)
+    expected_bytes = saved_bytes(lambda: model.loss(*batch))
+    installed.projections.recompute_norm = installed.experts.recompute_norm = False
+    kept_loss, kept = lora_gradients(model, *batch)
+    kept_bytes = saved_bytes(lambda: model.loss(*batch))
+    assert kept_loss == expected_loss
+    for name, grad in expected.items():
+        assert torch.equal(kept[name], grad), name
+    # two fp32 [N, H] tensors per layer, the attention's and the experts' input, but the first
+    # layer's attention input: it comes from the frozen embedding, whose norm keeps nothing
+    config = model.config
+    assert kept_bytes - expected_bytes == (2 * config.num_hidden_layers - 1) * 64 * config.hidden_size * 4
 
 
 def test_gate_up_recomputation_trains_the_same_and_runs_no_layer_again() -> None:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from gptoss_tune.kernels.projections import StackedProjections
-from gptoss_tune.model.gpt_oss import separate_projections
+from gptoss_tune.model.gpt_oss import NormSource, RMSNorm, separate_projections
 from gptoss_tune.model.lora import LoraLinear
-from test_kernels import relative_error
+from test_kernels import relative_error, saved_bytes
 
 IN, OUTS = 48, (64, 16, 16)  # gpt-oss's proportions: a wide query, narrow key and value
 
@@ -125,3 +125,44 @@ def test_narrow_outputs_do_not_keep_the_stacked_output_alive() -> None:
     for narrow in (key, value):  # attention saves the value: it must not pin the [N, sum out] buffer
         assert narrow.untyped_storage().nbytes() == narrow.numel() * narrow.element_size()
     assert query.shape[-1] == OUTS[0]
+
+
+def frozen_norm(size: int, seed: int = 3) -> RMSNorm:
+    norm = RMSNorm(size, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(size, generator=torch.Generator().manual_seed(seed)))
+    return norm.requires_grad_(False)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("adapted", [(True, True, True), (False, False, False)], ids=["lora", "no-lora"])
+def test_projections_of_a_norms_output_keep_its_input_instead_for_the_same_gradients(
+    autocast, adapted
+) -> None:
+    layers, norm = projections(adapted), frozen_norm(IN)
+    hidden, probes = inputs()
+
+    def run(recompute_norm: bool):
+        stacked = StackedProjections(recompute_norm=recompute_norm)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = stacked(layers, norm(hidden), NormSource(hidden, norm))
+        return outs
+
+    def outputs_and_grads_through_the_norm(recompute_norm: bool):
+        outs = run(recompute_norm)
+        trained = [hidden] + [p for layer in layers for p in layer.parameters() if p.requires_grad]
+        loss = sum((out.float() * probe).sum() for out, probe in zip(outs, probes, strict=True))
+        return [o.detach() for o in outs], torch.autograd.grad(loss, trained)
+
+    kept_outs, kept_grads = outputs_and_grads_through_the_norm(recompute_norm=False)
+    again_outs, again_grads = outputs_and_grads_through_the_norm(recompute_norm=True)
+    for got, want in zip(again_outs + list(again_grads), kept_outs + list(kept_grads), strict=True):
+        assert torch.equal(got, want)
+    kept_bytes = saved_bytes(lambda: run(recompute_norm=False))
+    again_bytes = saved_bytes(lambda: run(recompute_norm=True))
+    normed_bytes = hidden.numel() * (2 if autocast else 4)  # what the projections read
+    # without adapters the input is never kept (only the LoRA gradients read it)
+    assert kept_bytes - again_bytes == (normed_bytes if any(adapted) else 0)
+    if not any(adapted):  # the base weights alone are kept
+        weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+        assert saved_bytes(lambda: StackedProjections()(layers, hidden)) == weight_bytes

@@ -38,6 +38,8 @@ from gptoss_tune.model.gpt_oss import (
     IGNORE_INDEX,
     Experts,
     GptOss,
+    NormSource,
+    RMSNorm,
     chunked_causal_lm_loss,
     document_ids,
     eager_attention,
@@ -661,6 +663,42 @@ def test_gate_up_recomputation_is_measured_and_trains_like_keeping_all(flex, gro
     assert abs(again_loss - kept_loss) <= 1e-3 * abs(kept_loss)
     for name, grad in kept.items():
         assert relative_error(again[name], grad) <= BF16_SLACK, name
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_compiled_norm_normalizes_again_to_the_same_bits_without_autograd(weight_dtype) -> None:
+    """What `NormSource` relies on: in backward, the installed (compiled) norm runs again without
+    autograd on the kept input and must give exactly the rows the projections and experts read in
+    forward (at gpt-oss-20b's hidden size, two lengths: the second compiles with dynamic shapes)."""
+    norm = RMSNorm(2880, 1e-5).to(DEVICE, weight_dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(2880, device=DEVICE))
+    norm.norm_fn = torch.compile(rms_norm)
+    for tokens in (4096, 3000):
+        hidden = torch.randn(1, tokens, 2880, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            normed = norm(hidden)
+        again = NormSource(hidden, norm).normalized_rows(torch.bfloat16)
+        assert torch.equal(again, normed.reshape(-1, 2880)), tokens
+
+
+def test_layers_normalizing_again_in_backward_keep_two_rows_fewer_and_train_alike(flex) -> None:
+    """The projections and the experts keep the norms' inputs (kept by the norms anyway) instead of
+    their outputs: the measured layer keeps two [N, H] bf16 tensors fewer, and the model's loss and
+    LoRA gradients are those of keeping them, within bf16 noise."""
+    model = small_model()
+    projections, experts = StackedProjections(), GroupedExperts(compile=True)
+    model.set_kernels(attention=flex, experts=experts, projections=projections, norm=torch.compile(rms_norm))
+    again = measure_layer_memory(model, LENGTH)
+    again_loss, again_grads = loss_and_lora_grads(model)
+    projections.recompute_norm = experts.recompute_norm = False
+    kept = measure_layer_memory(model, LENGTH)
+    kept_loss, kept_grads = loss_and_lora_grads(model)
+    rows = LENGTH * model.config.hidden_size * 2
+    assert abs(kept.saved - again.saved - 2 * rows) <= rows // 4, (kept.saved, again.saved, rows)
+    assert abs(again_loss - kept_loss) <= 1e-3 * abs(kept_loss)
+    for name, grad in kept_grads.items():
+        assert relative_error(again_grads[name], grad) <= BF16_SLACK, name
 
 
 def test_auto_memory_budget_counts_our_memory_and_leaves_headroom() -> None:

@@ -33,8 +33,10 @@ act>), so neither the activation, nor the down output, nor the gathered rows are
 less per layer of gpt-oss-20b at 16k tokens, which the memory planner turns into fewer recomputed
 layers. Where the planner asks for it (`Experts.recompute_gate_up`), the pre-activation is not kept
 either (at 16k tokens of gpt-oss-20b, 0.75 GB of the ~1.3 GB a layer keeps): backward runs the
-gate_up forward again, one grouped GEMM and its epilogue instead of the whole layer. The base
-weights and biases must be frozen (LoRA training); otherwise the eager loop runs.
+gate_up forward again, one grouped GEMM and its epilogue instead of the whole layer. When the token
+rows are a norm's output (a `NormSource`), the norm's input, which the norm keeps anyway, is kept
+in their place and normalized again in backward. The base weights and biases must be frozen (LoRA
+training); otherwise the eager loop runs.
 
 The bias, the LoRA sum, the SwiGLU, its backward and the routing weights are memory-bound
 "epilogues": Triton kernels on CUDA (`moe_triton`), torch.compile of the references elsewhere.
@@ -66,7 +68,7 @@ from gptoss_tune.kernels.grouped_gemm import (
     quack_config,
     quack_moe,
 )
-from gptoss_tune.model.gpt_oss import Experts, clamped_swiglu, eager_experts
+from gptoss_tune.model.gpt_oss import Experts, NormSource, clamped_swiglu, eager_experts
 from gptoss_tune.model.lora import ExpertLora
 
 SlotSum = Callable[..., Tensor]  # (rows, inverse, top_k, addend=None, out_dtype=None) -> [N, D]
@@ -503,10 +505,14 @@ def _down_backward(
 
 
 def _gate_up_backward(
-    layer: _Layer, grad_pre_activation: Tensor, tokens: Tensor, gate_up_inputs: Tensor | None
+    layer: _Layer,
+    grad_pre_activation: Tensor,
+    tokens: Tensor | None,
+    gate_up_inputs: Tensor | None,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] in the tokens' dtype, the gate_up LoRA's
-    (dA, dB))."""
+    """dL/d pre-activation [S, 2I] -> (dL/d tokens [N, H] in the tokens' `dtype`, the gate_up
+    LoRA's (dA, dB)). The token rows are read only with a gate_up LoRA."""
     experts, routing, adapter = layer.experts, layer.routing, layer.gate_up
     grad_low_rank = lora_grads = None
     if adapter is not None:
@@ -517,12 +523,10 @@ def _gate_up_backward(
         grad_lora_a = per_expert(tokens.t() @ grad_inputs, experts.num_experts)
         grad_low_rank = grad_inputs @ all_experts(adapter.lora_a).t()  # added inside the slot sum
         lora_grads = adapter.grads(grad_lora_a, grad_lora_b, experts.gate_up_lora.lora_A)
-    gate_up_weight = experts.gate_up_weight().to(tokens.dtype)
+    gate_up_weight = experts.gate_up_weight().to(dtype)
     grad_rows = layer.expert_gemm(grad_pre_activation, gate_up_weight.transpose(-2, -1))
     del gate_up_weight
-    grad_tokens = layer.epilogues.slot_sum(
-        grad_rows, routing.inverse, routing.top_k, grad_low_rank, tokens.dtype
-    )
+    grad_tokens = layer.epilogues.slot_sum(grad_rows, routing.inverse, routing.top_k, grad_low_rank, dtype)
     return grad_tokens, lora_grads
 
 
@@ -530,16 +534,19 @@ class _LoraExperts(torch.autograd.Function):
     """The experts' output [N, H] (in `out_dtype`) from the token rows [N, H] and routing weights
     [N, k]; the adapters' factors are inputs so that autograd routes their gradients.
 
-    Saves only the token rows, the pre-activation gate_up [S, 2I] and two [S, r] low-rank inputs;
-    backward recomputes the SwiGLU and gets the routing weights' gradient from the down projection's
-    input gradient, so neither the activation nor the down output is kept. With
+    Saves only the token rows (only if the gate_up LoRA or its recomputation reads them; with a
+    `norm_source`, its hidden instead), the pre-activation gate_up [S, 2I] and two [S, r] low-rank
+    inputs; backward recomputes the SwiGLU and gets the routing weights' gradient from the down
+    projection's input gradient, so neither the activation nor the down output is kept. With
     `layer.recompute_gate_up` the pre-activation and the gate_up LoRA's inputs are not kept either:
     backward computes them again from the token rows. The base weights are frozen and fetched again
     in backward.
     """
 
     @staticmethod
-    def forward(ctx, tokens, expert_weights, gate_up_a, gate_up_b, down_a, down_b, layer, out_dtype):
+    def forward(
+        ctx, tokens, expert_weights, gate_up_a, gate_up_b, down_a, down_b, layer, out_dtype, norm_source
+    ):
         weights = expert_weights.reshape(-1).index_select(0, layer.routing.order).to(tokens.dtype)
         with torch.autocast(tokens.device.type, enabled=False):
             pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
@@ -547,22 +554,31 @@ class _LoraExperts(torch.autograd.Function):
             out, down_inputs = _down_forward(layer, activated, weights, out_dtype)
         if layer.recompute_gate_up:
             pre_activation = gate_up_inputs = None
-        ctx.save_for_backward(tokens, pre_activation, weights, gate_up_inputs, down_inputs)
-        ctx.layer, ctx.weights_dtype = layer, expert_weights.dtype
+        reads_tokens = layer.gate_up is not None or layer.recompute_gate_up
+        # the norm module alone goes on ctx: a tensor there would escape checkpointing's hooks
+        ctx.norm = norm_source.norm if norm_source and reads_tokens else None
+        kept = (norm_source.hidden if norm_source else tokens) if reads_tokens else None
+        ctx.save_for_backward(kept, pre_activation, weights, gate_up_inputs, down_inputs)
+        ctx.layer, ctx.weights_dtype, ctx.tokens_dtype = layer, expert_weights.dtype, tokens.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
         layer: _Layer = ctx.layer
-        with torch.autocast(tokens.device.type, enabled=False):
+        if ctx.norm is not None:  # tokens holds the norm's input: normalize it again, as in forward
+            tokens = NormSource(tokens, ctx.norm).normalized_rows(ctx.tokens_dtype)
+        dtype = ctx.tokens_dtype
+        with torch.autocast(grad_out.device.type, enabled=False):
             if layer.recompute_gate_up:
                 pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)
                 del activated  # the activation backward recomputes it, as when the pre-activation is kept
             grad_pre_activation, grad_weights, down_grads = _down_backward(
-                layer, grad_out.to(tokens.dtype), pre_activation, weights, down_inputs
+                layer, grad_out.to(dtype), pre_activation, weights, down_inputs
             )
-            grad_tokens, gate_up_grads = _gate_up_backward(layer, grad_pre_activation, tokens, gate_up_inputs)
+            grad_tokens, gate_up_grads = _gate_up_backward(
+                layer, grad_pre_activation, tokens, gate_up_inputs, dtype
+            )
         routing = layer.routing
         grad_expert_weights = grad_weights.index_select(0, routing.inverse).view(
             routing.num_tokens, routing.top_k
@@ -572,6 +588,7 @@ class _LoraExperts(torch.autograd.Function):
             grad_expert_weights.to(ctx.weights_dtype),
             *(gate_up_grads or (None, None)),
             *(down_grads or (None, None)),
+            None,
             None,
             None,
         )
@@ -599,12 +616,18 @@ class GroupedExperts:
     """
 
     def __init__(
-        self, compile: bool = True, epilogues: Epilogues | None = None, gemm: ExpertGemm | None = None
+        self,
+        compile: bool = True,
+        epilogues: Epilogues | None = None,
+        gemm: ExpertGemm | None = None,
+        recompute_norm: bool = True,
     ) -> None:
         """`epilogues`: use these on every device instead of choosing (tests run the Triton ones on
         the CPU under Triton's interpreter). `gemm`: the base GEMMs (default: quack where it can
-        run, torch's grouped_mm elsewhere; see `grouped_gemm`)."""
+        run, torch's grouped_mm elsewhere; see `grouped_gemm`). `recompute_norm`: given a
+        `NormSource`, keep its hidden instead of the token rows (see the module)."""
         self.compiled = compile
+        self.recompute_norm = recompute_norm
         self.fixed_epilogues = epilogues
         self.gemm = gemm or ExpertGemm()
         self._epilogues: dict[torch.device, Epilogues] = {}
@@ -631,7 +654,12 @@ class GroupedExperts:
         return _aligned(hidden, dtype) and _aligned(double_inner // 2, dtype)
 
     def __call__(
-        self, experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor
+        self,
+        experts: Experts,
+        hidden: Tensor,
+        expert_indices: Tensor,
+        expert_weights: Tensor,
+        norm_source: NormSource | None = None,
     ) -> Tensor:
         dtype = experts.gate_up_proj_bias.dtype  # the dtype the weight accessors return
         if not self.can_run(experts, dtype):
@@ -646,5 +674,6 @@ class GroupedExperts:
             recompute_gate_up=experts.recompute_gate_up and torch.is_grad_enabled(),
         )  # fmt: skip
         return _LoraExperts.apply(
-            tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype
-        )
+            tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype,
+            NormSource.worth_keeping(norm_source) if self.recompute_norm else None,
+        )  # fmt: skip

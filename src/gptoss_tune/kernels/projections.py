@@ -15,6 +15,8 @@ adds up one by one. Here, with A_all the adapters' A stacked (R rows):
 
 The stacked weights are rebuilt each way (a ~30 MB copy for gpt-oss-20b) rather than kept, and the
 base weights must be frozen (their gradient is never computed); otherwise the separate calls run.
+When the input is a norm's output (a `NormSource` is given), the norm's input is kept instead of x
+and x is normalized again in backward (see `NormSource`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gptoss_tune.model.gpt_oss import separate_projections
+from gptoss_tune.model.gpt_oss import NormSource, separate_projections
 from gptoss_tune.model.lora import LoraLinear
 
 RANK_MULTIPLE = 8  # R padded with zero rows of A so that the [N, out + R] rows stay 16-byte aligned
@@ -85,11 +87,13 @@ def _slices(sizes: Sequence[int]) -> list[slice]:
 
 
 class _StackedLinear(torch.autograd.Function):
-    """x [N, in] -> [N, sum out]; after `stack` and the projection count come the base weights,
-    the biases (or None), then each adapter's A and B (in the order of the projections that have one)."""
+    """x [N, in] -> [N, sum out]. With a `norm_source` (x = its norm's output, reshaped and cast),
+    its hidden is kept for backward instead of x. After `stack` and the projection count come the
+    base weights, the biases (or None), then each adapter's A and B (in the order of the projections
+    that have one)."""
 
     @staticmethod
-    def forward(ctx, x, stack: _Stack, count: int, *tensors):
+    def forward(ctx, x, norm_source: NormSource | None, stack: _Stack, count: int, *tensors):
         weights, biases = tensors[:count], tensors[count : 2 * count]
         lora_as, lora_bs = tensors[2 * count :: 2], tensors[2 * count + 1 :: 2]
         dtype, total = x.dtype, stack.total_out
@@ -105,22 +109,28 @@ class _StackedLinear(torch.autograd.Function):
         if lora_as:
             low_rank = out[:, total:].contiguous()  # x A_all^T [N, R'], rounded like F.linear's
             out[:, :total].addmm_(low_rank, stack.low_rank_outputs(lora_bs, dtype).t())
-        ctx.stack, ctx.count = stack, count
-        ctx.save_for_backward(x, low_rank, *weights, *lora_as, *lora_bs)
+        ctx.stack, ctx.count, ctx.dtype = stack, count, dtype
+        # only the adapters' gradients read x; the norm module alone goes on ctx (a tensor there
+        # would escape checkpointing's saved-tensor hooks)
+        ctx.norm = norm_source.norm if norm_source and lora_as else None
+        kept = (norm_source.hidden if norm_source else x) if lora_as else None
+        ctx.save_for_backward(kept, low_rank, *weights, *lora_as, *lora_bs)
         return out[:, :total]  # without adapters, the whole output
 
     @staticmethod
     def backward(ctx, grad_out):
-        stack, count = ctx.stack, ctx.count
+        stack, count, dtype = ctx.stack, ctx.count, ctx.dtype
         x, low_rank, *rest = ctx.saved_tensors
+        if ctx.norm is not None:  # x is the norm's input: normalize it again, as in forward
+            x = NormSource(x, ctx.norm).normalized_rows(dtype)
         weights, factors = rest[:count], rest[count:]
         lora_as, lora_bs = factors[: len(factors) // 2], factors[len(factors) // 2 :]
-        dtype, grad_out = x.dtype, grad_out.contiguous()
+        grad_out = grad_out.contiguous()
         base = torch.cat([w.to(dtype) for w in weights]) if count > 1 else weights[0].to(dtype)
         grad_x = grad_out @ base
         no_grads = [None] * (2 * count)
         if not lora_as:
-            return grad_x, None, None, *no_grads
+            return grad_x, None, None, None, *no_grads
         grad_low_rank = grad_out @ stack.low_rank_outputs(lora_bs, dtype)  # [N, R']: s_i g_i B_i
         grad_x.addmm_(grad_low_rank, torch.cat(stack.low_rank_input_rows(lora_as, dtype)))
         grad_lora_a_all = grad_low_rank.t() @ x  # [R', in]
@@ -133,7 +143,7 @@ class _StackedLinear(torch.autograd.Function):
             index = len(lora_grads) // 2
             grad_b = (grad_out[:, rows].t() @ low_rank[:, columns]) * scaling
             lora_grads += [grad_lora_a_all[columns].to(lora_as[index].dtype), grad_b.to(lora_bs[index].dtype)]
-        return grad_x, None, None, *no_grads, *lora_grads
+        return grad_x, None, None, None, *no_grads, *lora_grads
 
 
 class StackedProjections:
@@ -143,7 +153,11 @@ class StackedProjections:
     Runs when every projection is an nn.Linear or a `LoraLinear` without dropout, on one input
     size, with frozen base weights and biases (all with a bias or none); otherwise the separate
     calls run. Computes in the autocast dtype when autocast is on, as nn.Linear would.
+    `recompute_norm`: given a `NormSource`, keep its hidden instead of the input (see the module).
     """
+
+    def __init__(self, recompute_norm: bool = True) -> None:
+        self.recompute_norm = recompute_norm
 
     @staticmethod
     def can_run(projections: Sequence[nn.Linear]) -> bool:
@@ -162,7 +176,9 @@ class StackedProjections:
                 return False
         return True
 
-    def __call__(self, projections: Sequence[nn.Linear], hidden: Tensor) -> list[Tensor]:
+    def __call__(
+        self, projections: Sequence[nn.Linear], hidden: Tensor, norm_source: NormSource | None = None
+    ) -> list[Tensor]:
         if not self.can_run(projections):
             return separate_projections(projections, hidden)
         device = hidden.device.type
@@ -176,6 +192,7 @@ class StackedProjections:
         with torch.autocast(device, enabled=False):
             out = _StackedLinear.apply(
                 hidden.reshape(-1, hidden.shape[-1]).to(dtype),
+                NormSource.worth_keeping(norm_source) if self.recompute_norm else None,
                 stack,
                 len(projections),
                 *(p.weight for p in projections),

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -129,14 +130,19 @@ def eager_attention(
 
 
 class ProjectionsFn(Protocol):
-    def __call__(self, projections: Sequence[nn.Linear], hidden: Tensor) -> list[Tensor]:
+    def __call__(
+        self, projections: Sequence[nn.Linear], hidden: Tensor, norm_source: NormSource | None = None
+    ) -> list[Tensor]:
         """Each of `projections` (nn.Linear or LoRA-wrapped ones: the query, key and value
         projections together, or the output projection alone) applied to hidden [B, T, in] ->
-        [[B, T, out_i]]."""
+        [[B, T, out_i]]. `norm_source`: what `hidden` was normalized from, if it was (see
+        `NormSource`)."""
         ...
 
 
-def separate_projections(projections: Sequence[nn.Linear], hidden: Tensor) -> list[Tensor]:
+def separate_projections(
+    projections: Sequence[nn.Linear], hidden: Tensor, norm_source: NormSource | None = None
+) -> list[Tensor]:
     return [projection(hidden) for projection in projections]
 
 
@@ -150,9 +156,15 @@ class LossFn(Protocol):
 
 class ExpertsFn(Protocol):
     def __call__(
-        self, experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor
+        self,
+        experts: Experts,
+        hidden: Tensor,
+        expert_indices: Tensor,
+        expert_weights: Tensor,
+        norm_source: NormSource | None = None,
     ) -> Tensor:
-        """hidden [N, H], expert_indices / expert_weights [N, k] -> [N, H]."""
+        """hidden [N, H], expert_indices / expert_weights [N, k] -> [N, H]. `norm_source`: what
+        `hidden` was normalized from, if it was (see `NormSource`)."""
         ...
 
 
@@ -178,8 +190,15 @@ def clamped_swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def eager_experts(experts: Experts, hidden: Tensor, expert_indices: Tensor, expert_weights: Tensor) -> Tensor:
-    """Loop over the experts that received tokens; each runs only on its own tokens."""
+def eager_experts(
+    experts: Experts,
+    hidden: Tensor,
+    expert_indices: Tensor,
+    expert_weights: Tensor,
+    norm_source: NormSource | None = None,
+) -> Tensor:
+    """Loop over the experts that received tokens; each runs only on its own tokens. Autograd keeps
+    what it keeps (`norm_source` is not used)."""
     order, tokens, counts = group_by_expert(expert_indices, experts.num_experts)
     weights = expert_weights.reshape(-1)[order]
     # Once per layer forward (MXFP4 storage dequantizes here); each expert reads its slice.
@@ -220,6 +239,36 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.norm_fn(hidden, self.weight, self.eps)
+
+
+@dataclass(frozen=True)
+class NormSource:
+    """What a normalized hidden state was computed from: `norm(hidden)`.
+
+    The norm keeps `hidden` for its backward anyway (the compiled norm of the fast paths keeps
+    exactly it; the eager one an fp32 copy). A fast path that would keep the normalized tensor for
+    its own backward (the q/k/v projections, the experts) can keep `hidden` instead and normalize it
+    again in backward: each layer then keeps two [N, H] tensors fewer, for two more memory-bound
+    norm passes (well under 1% of a layer's time)."""
+
+    hidden: Tensor
+    norm: RMSNorm
+
+    @staticmethod
+    def worth_keeping(norm_source: NormSource | None) -> NormSource | None:
+        """`norm_source` if the norm's backward runs, so that the norm keeps its hidden anyway;
+        else None (the first layer's input: the embedding is frozen, so its norm keeps nothing)."""
+        if norm_source is None or not torch.is_grad_enabled():
+            return None
+        norm_trains = any(param.requires_grad for param in norm_source.norm.parameters())
+        return norm_source if norm_source.hidden.requires_grad or norm_trains else None
+
+    def normalized_rows(self, dtype: torch.dtype) -> Tensor:
+        """`norm(hidden)` again, without autograd, as [N, H] rows in `dtype` (as the fast paths
+        read it in forward): the same function on the same values gives the same result."""
+        with torch.no_grad():
+            normed = self.norm(self.hidden)
+        return normed.reshape(-1, normed.shape[-1]).to(dtype)
 
 
 def rope_settings(config: GptOssConfig) -> dict:
@@ -297,11 +346,18 @@ class Attention(nn.Module):
         batch, length, _ = projected.shape
         return projected.view(batch, length, -1, self.head_dim)
 
-    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        documents: Tensor,
+        norm_source: NormSource | None = None,
+    ) -> Tensor:
         batch, length, _ = hidden.shape
         query, key, value = (
             self._heads(projected)
-            for projected in self.projections_fn((self.q_proj, self.k_proj, self.v_proj), hidden)
+            for projected in self.projections_fn((self.q_proj, self.k_proj, self.v_proj), hidden, norm_source)
         )
         query, key = self.rotary_fn(query, key, cos, sin)
         # [B, H, T, D] views of the token-major tensors: the attention functions take any strides
@@ -453,11 +509,12 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.experts_fn: ExpertsFn = eager_experts
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, norm_source: NormSource | None = None) -> Tensor:
         batch, length, size = hidden.shape
         flat = hidden.reshape(-1, size)
         expert_indices, expert_weights = self.router(flat)
-        return self.experts_fn(self.experts, flat, expert_indices, expert_weights).view(batch, length, size)
+        out = self.experts_fn(self.experts, flat, expert_indices, expert_weights, norm_source=norm_source)
+        return out.view(batch, length, size)
 
 
 class DecoderLayer(nn.Module):
@@ -469,8 +526,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, documents)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attention_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
+        hidden = hidden + self.self_attn(
+            attention_norm(hidden), cos, sin, documents, NormSource(hidden, attention_norm)
+        )
+        return hidden + self.mlp(mlp_norm(hidden), NormSource(hidden, mlp_norm))
 
 
 class GptOssDecoder(nn.Module):
