@@ -713,6 +713,20 @@ def test_fast_layers_keep_neither_norms_output_for_the_same_gradients() -> None:
     assert kept_bytes - expected_bytes == (2 * config.num_hidden_layers - 1) * 64 * config.hidden_size * 4
 
 
+def test_checkpointed_fast_layers_train_the_same() -> None:
+    """Checkpointing a layer whose projections and experts normalize again in backward: the
+    recomputed forward hands them new norm inputs, and the gradients stay those of keeping all."""
+    model = small_model()
+    enable_fast_paths(model, compile=False)
+    batch = packed_batch(length=64)
+    expected_loss, expected = lora_gradients(model, *batch)
+    actual_loss, actual, calls = gradients_under_plan(model, batch, RecomputePlan((0, 1)))
+    assert calls == [2, 2]
+    assert actual_loss == expected_loss
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+
+
 def test_gate_up_recomputation_trains_the_same_and_runs_no_layer_again() -> None:
     model = small_model()
     enable_fast_paths(model, compile=False)
