@@ -539,8 +539,8 @@ def test_grouped_experts_of_a_norms_output_keep_its_input_instead_for_the_same_g
     norm.requires_grad_(False)
 
     def run(recompute_norm: bool) -> torch.Tensor:
-        grouped = GroupedExperts(compile=False, recompute_norm=recompute_norm)
-        return grouped(experts, norm(pre_norm), indices, weights, norm_source=NormSource(pre_norm, norm))
+        source = NormSource(pre_norm, norm) if recompute_norm else None
+        return GroupedExperts(compile=False)(experts, norm(pre_norm), indices, weights, norm_source=source)
 
     def outputs_and_grads(recompute_norm: bool):
         out = run(recompute_norm)
@@ -697,11 +697,13 @@ def gradients_under_plan(model: GptOss, batch, plan: RecomputePlan):
 
 def test_fast_layers_keep_neither_norms_output_for_the_same_gradients() -> None:
     model = small_model()
-    installed = enable_fast_paths(model, compile=False)
+    enable_fast_paths(model, compile=False)
     batch = packed_batch(length=64)
+    assert model.norms_recomputed  # the default
     expected_loss, expected = lora_gradients(model, *batch)
     expected_bytes = saved_bytes(lambda: model.loss(*batch))
-    installed.projections.recompute_norm = installed.experts.recompute_norm = False
+    RecomputePlan(norms_kept=True).apply(model)
+    assert not model.norms_recomputed and RecomputePlan.of(model) == RecomputePlan(norms_kept=True)
     kept_loss, kept = lora_gradients(model, *batch)
     kept_bytes = saved_bytes(lambda: model.loss(*batch))
     assert kept_loss == expected_loss
@@ -749,14 +751,33 @@ def test_a_layer_is_either_checkpointed_or_recomputes_its_gate_up() -> None:
     model.set_gradient_checkpointing([0], recompute_gate_up=[1])
     assert model.model.checkpointed_layers == frozenset({0})
     assert model.gate_up_recomputed_layers == frozenset({1})
-    assert RecomputePlan((0,), (1,)).describe(2) == "1 of 2 layers recomputed, the experts' gate_up in 1 more"
+    assert RecomputePlan((0,), (1,)).describe(2) == (
+        "1 of 2 layers recomputed, the experts' gate_up in 1 more; norm outputs recomputed"
+    )
+    assert RecomputePlan(norms_kept=True).describe(2) == "0 of 2 layers recomputed"
     measured = LayerMemory(
-        3 << 29, 1 << 27, 0, gate_up_saved=1 << 29, forward_seconds=0.009, gate_up_seconds=0.0034
+        3 << 29,
+        1 << 27,
+        0,
+        gate_up_saved=1 << 29,
+        forward_seconds=0.009,
+        gate_up_seconds=0.0034,
+        norms_saved=13 << 27,
+        norms_seconds=0.00012,
     )
     assert measured.describe() == (
-        "a layer keeps 1.50 GiB (checkpointed 0.12), 0.50 with its gate_up recomputed; "
-        "recomputing it costs 9.0 ms, its gate_up 3.4 ms"
+        "a layer keeps 1.50 GiB (checkpointed 0.12; keeping its norms' outputs 1.62), 0.50 with its "
+        "gate_up recomputed; recomputing it costs 9.0 ms, its gate_up 3.4 ms, its norms' outputs 0.12 ms"
     )
+
+
+def test_recompute_plan_keeps_the_norms_outputs_only_if_nothing_needs_recomputing() -> None:
+    layer = LayerMemory(saved=10, checkpointed=1, transient=2, norms_saved=12)
+    assert choose_recompute_plan(4, layer, available=50) == RecomputePlan(norms_kept=True)  # 3 * 12 + 12 + 2
+    assert choose_recompute_plan(4, layer, available=49) == RecomputePlan()  # 3 * 10 + 10 + 2
+    assert choose_recompute_plan(4, layer, available=41) == RecomputePlan((0,))
+    # unmeasured (None): the norms' outputs are not kept
+    assert choose_recompute_plan(4, LayerMemory(10, 1, 2), available=100) == RecomputePlan()
 
 
 def test_recompute_plan_checkpoints_as_few_layers_as_fit() -> None:

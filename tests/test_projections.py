@@ -143,10 +143,9 @@ def test_projections_of_a_norms_output_keep_its_input_instead_for_the_same_gradi
     hidden, probes = inputs()
 
     def run(recompute_norm: bool):
-        stacked = StackedProjections(recompute_norm=recompute_norm)
+        source = NormSource(hidden, norm) if recompute_norm else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            outs = stacked(layers, norm(hidden), NormSource(hidden, norm))
-        return outs
+            return StackedProjections()(layers, norm(hidden), source)
 
     def outputs_and_grads_through_the_norm(recompute_norm: bool):
         outs = run(recompute_norm)

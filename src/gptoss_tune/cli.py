@@ -318,8 +318,9 @@ def train(
         str | None,
         typer.Option(
             help="GPU memory budget in GiB, or auto (what the GPU has free less 8% of it): measure a layer and "
-            "checkpoint only as many layers as the budget needs (overrides --gradient-checkpointing; DDP and "
-            "one GPU only).",
+            "recompute in backward only what the budget needs, first the norms' outputs, then layers (see "
+            "--recompute; overrides --gradient-checkpointing; DDP and one GPU only). Without a budget the "
+            "fast paths recompute the norms' outputs and nothing else unless --gradient-checkpointing.",
             show_default="none",
         ),
     ] = None,
@@ -431,7 +432,10 @@ def bench(
     ] = None,
     memory_budget_gib: Annotated[
         float,
-        typer.Option(help="Ours checkpoints only the layers this budget needs (<= 0: no checkpointing)."),
+        typer.Option(
+            help="Ours recomputes in backward only what this budget needs, first the norms' outputs, then "
+            "layers (<= 0: no budget, no checkpointing)."
+        ),
     ] = 60.0,
     recompute: Annotated[
         str, typer.Option(help="Ours, under --memory-budget-gib: " + RECOMPUTE_HELP)

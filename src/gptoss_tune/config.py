@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
-    # GPU: checkpoint only as many layers as this budget needs; "auto": the GPU's free memory less headroom
+    # GPU: recompute only what this budget needs (norm outputs, then layers); "auto": free memory less headroom
     memory_budget_gib: float | str | None = None
     recompute: str = "layers"  # under a budget: layers (whole layers), auto (also the experts' gate_up alone)
     kernels: str = "auto"  # auto (fast paths on GPU), fast, eager

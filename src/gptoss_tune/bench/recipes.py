@@ -255,7 +255,8 @@ class OursRecipe(Recipe):
             plan = plan_activation_checkpointing(
                 model, self.options.row_length, budget, policy=self.options.recompute
             )
-            self.notes["memory_plan"] = plan.measured.describe()
+            layers = len(model.model.layers)
+            self.notes["memory_plan"] = f"{plan.describe(layers)}; {plan.measured.describe()}"
         else:
             model.set_gradient_checkpointing(budget is not None)
 

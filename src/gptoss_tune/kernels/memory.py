@@ -1,8 +1,11 @@
 """Selective recomputation: recompute only what the memory budget needs, where it costs least.
 
-Each decoder layer keeps its activations for backward in one of three ways:
+First, the cheapest: the fast paths keep the norms' inputs instead of their outputs and normalize
+again in backward (`NormSource`: two memory-bound passes per layer, two [N, H] tensors fewer). Every
+layer does so unless everything fits without it (`LayerMemory.norms_saved`). Then each decoder layer
+keeps its activations for backward in one of three ways:
 
-- it recomputes nothing and keeps all of them (`LayerMemory.saved`);
+- it recomputes nothing more and keeps all of them (`LayerMemory.saved`);
 - its experts keep no gate_up pre-activation and run the gate_up forward again in backward
   (`Experts.recompute_gate_up`; the largest tensor a layer keeps, for one grouped GEMM);
 - it is checkpointed: it keeps only its input and runs its whole forward again in backward.
@@ -49,42 +52,56 @@ class LayerMemory:
     gate_up_transient: int = 0  # held beyond `gate_up_saved` while such a layer's backward runs
     forward_seconds: float = 1.0  # what checkpointing the layer adds: one more forward
     gate_up_seconds: float = 0.0  # what recomputing the experts' gate_up adds to its backward
+    norms_saved: int | None = None  # kept when it also keeps its norms' outputs (None: not measured)
+    norms_seconds: float = 0.0  # what normalizing again adds to its backward
 
     @property
     def gate_up_helps(self) -> bool:
         return self.gate_up_saved is not None and self.gate_up_saved < self.saved
 
     def describe(self) -> str:
-        text = f"a layer keeps {self.saved / GIB:.2f} GiB (checkpointed {self.checkpointed / GIB:.2f})"
+        text = f"a layer keeps {self.saved / GIB:.2f} GiB (checkpointed {self.checkpointed / GIB:.2f}"
+        if self.norms_saved is not None:
+            text += f"; keeping its norms' outputs {self.norms_saved / GIB:.2f}"
+        text += ")"
         if self.gate_up_saved is not None:
             text += f", {self.gate_up_saved / GIB:.2f} with its gate_up recomputed"
         text += f"; recomputing it costs {1000 * self.forward_seconds:.1f} ms"
         if self.gate_up_saved is not None:
             text += f", its gate_up {1000 * self.gate_up_seconds:.1f} ms"
+        if self.norms_saved is not None:
+            text += f", its norms' outputs {1000 * self.norms_seconds:.2f} ms"
         return text
 
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    """Which layers recompute what in backward: layer indices, disjoint."""
+    """Which layers recompute what in backward (layer indices, disjoint), and whether the layers
+    keep their norms' outputs (only when everything fits so)."""
 
     checkpointed: tuple[int, ...] = ()
     gate_up: tuple[int, ...] = ()
+    norms_kept: bool = False
     measured: LayerMemory | None = field(default=None, compare=False)  # what the plan was chosen from
 
     @classmethod
     def of(cls, model: GptOss) -> RecomputePlan:
         """The plan `model` runs now."""
         return cls(
-            tuple(sorted(model.model.checkpointed_layers)), tuple(sorted(model.gate_up_recomputed_layers))
+            tuple(sorted(model.model.checkpointed_layers)),
+            tuple(sorted(model.gate_up_recomputed_layers)),
+            norms_kept=not model.norms_recomputed,
         )
 
     def apply(self, model: GptOss) -> None:
-        model.set_gradient_checkpointing(self.checkpointed, recompute_gate_up=self.gate_up)
+        model.set_gradient_checkpointing(
+            self.checkpointed, recompute_gate_up=self.gate_up, recompute_norms=not self.norms_kept
+        )
 
     def describe(self, num_layers: int) -> str:
         text = f"{len(self.checkpointed)} of {num_layers} layers recomputed"
-        return text + (f", the experts' gate_up in {len(self.gate_up)} more" if self.gate_up else "")
+        text += f", the experts' gate_up in {len(self.gate_up)} more" if self.gate_up else ""
+        return text + ("" if self.norms_kept else "; norm outputs recomputed")
 
 
 def _held_while_backward(layer: LayerMemory, way: str) -> int:
@@ -139,7 +156,12 @@ def choose_recompute_plan(
     """The plan with the least added time whose peak fits in `available` bytes (ties: fewer
     recomputed layers); when none fits, the one that keeps least (the caller reports the shortfall).
     policy "layers" checkpoints whole layers only; "auto" may also have layers recompute only their
-    experts' gate_up."""
+    experts' gate_up. The layers keep their norms' outputs (faster by two memory-bound passes each)
+    only if nothing needs recomputing then."""
+    if layer.norms_saved is not None:
+        keeping_norms = replace(layer, saved=layer.norms_saved)
+        if plan_peak_bytes(num_layers, keeping_norms, RecomputePlan()) <= available:
+            return RecomputePlan(norms_kept=True)
     gate_up_counts = num_layers + 1 if policy == "auto" and layer.gate_up_helps else 1
     plans = [
         RecomputePlan(tuple(range(checkpointed)), tuple(range(checkpointed, checkpointed + gate_up)))
@@ -218,30 +240,35 @@ class _LayerRun:
 def measure_layer_memory(
     model: GptOss, tokens: int, dtype: torch.dtype = torch.bfloat16, layer_index: int = 0
 ) -> LayerMemory:
-    """Run one layer forward and backward on random input (CUDA), keeping all its activations and
-    then with its experts recomputing their gate_up, and measure what it keeps, its transient peak
-    and its times. Leaves no gradient behind and the layer's setting as it was. A first, unmeasured
-    run each way warms up (compiles) the layer's kernels and settles their caches (e.g. a block mask
+    """Run one layer forward and backward on random input (CUDA), normalizing again in backward and
+    keeping all its other activations, then with its experts recomputing their gate_up, and measure
+    what it keeps, its transient peak and its times; then what it keeps with its norms' outputs kept
+    too. Leaves no gradient behind and the layer's settings as they were. A first, unmeasured run
+    each way warms up (compiles) the layer's kernels and settles their caches (e.g. a block mask
     replaced during the measured forward would otherwise count as negative memory)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError("measure_layer_memory needs the model on a CUDA device")
     layer = model.model.layers[layer_index]
     experts = layer.mlp.experts
-    setting = experts.recompute_gate_up
+    settings = experts.recompute_gate_up, layer.recompute_norms
     runs = {}
     try:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
-            for recompute in (False, True):
-                experts.recompute_gate_up = recompute
+            for way, gate_up, norms, repeats in (
+                ("all", False, True, TIMED_RUNS),
+                ("gate_up", True, True, TIMED_RUNS),
+                ("norms", False, False, TIMED_RUNS),
+            ):
+                experts.recompute_gate_up, layer.recompute_norms = gate_up, norms
                 _layer_forward_backward(layer, hidden, cos, sin, documents)  # warm-up
-                runs[recompute] = _median_run(
-                    [_layer_forward_backward(layer, hidden, cos, sin, documents) for _ in range(TIMED_RUNS)]
+                runs[way] = _median_run(
+                    [_layer_forward_backward(layer, hidden, cos, sin, documents) for _ in range(repeats)]
                 )
     finally:
-        experts.recompute_gate_up = setting
-    keep_all, gate_up = runs[False], runs[True]
+        experts.recompute_gate_up, layer.recompute_norms = settings
+    keep_all, gate_up = runs["all"], runs["gate_up"]
     return LayerMemory(
         saved=max(keep_all.saved, 0),
         checkpointed=tokens * model.config.hidden_size * dtype.itemsize,
@@ -250,6 +277,8 @@ def measure_layer_memory(
         gate_up_transient=max(gate_up.peak - gate_up.saved, 0),
         forward_seconds=keep_all.forward_seconds,
         gate_up_seconds=max(gate_up.backward_seconds - keep_all.backward_seconds, 0.0),
+        norms_saved=max(runs["norms"].saved, 0),
+        norms_seconds=max(keep_all.backward_seconds - runs["norms"].backward_seconds, 0.0),
     )
 
 

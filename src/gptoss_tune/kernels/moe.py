@@ -620,14 +620,11 @@ class GroupedExperts:
         compile: bool = True,
         epilogues: Epilogues | None = None,
         gemm: ExpertGemm | None = None,
-        recompute_norm: bool = True,
     ) -> None:
         """`epilogues`: use these on every device instead of choosing (tests run the Triton ones on
         the CPU under Triton's interpreter). `gemm`: the base GEMMs (default: quack where it can
-        run, torch's grouped_mm elsewhere; see `grouped_gemm`). `recompute_norm`: given a
-        `NormSource`, keep its hidden instead of the token rows (see the module)."""
+        run, torch's grouped_mm elsewhere; see `grouped_gemm`)."""
         self.compiled = compile
-        self.recompute_norm = recompute_norm
         self.fixed_epilogues = epilogues
         self.gemm = gemm or ExpertGemm()
         self._epilogues: dict[torch.device, Epilogues] = {}
@@ -675,5 +672,5 @@ class GroupedExperts:
         )  # fmt: skip
         return _LoraExperts.apply(
             tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype,
-            NormSource.worth_keeping(norm_source) if self.recompute_norm else None,
+            NormSource.worth_keeping(norm_source),
         )  # fmt: skip

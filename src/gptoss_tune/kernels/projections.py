@@ -153,11 +153,8 @@ class StackedProjections:
     Runs when every projection is an nn.Linear or a `LoraLinear` without dropout, on one input
     size, with frozen base weights and biases (all with a bias or none); otherwise the separate
     calls run. Computes in the autocast dtype when autocast is on, as nn.Linear would.
-    `recompute_norm`: given a `NormSource`, keep its hidden instead of the input (see the module).
+    Given a `NormSource`, keeps its hidden instead of the input (see the module).
     """
-
-    def __init__(self, recompute_norm: bool = True) -> None:
-        self.recompute_norm = recompute_norm
 
     @staticmethod
     def can_run(projections: Sequence[nn.Linear]) -> bool:
@@ -192,7 +189,7 @@ class StackedProjections:
         with torch.autocast(device, enabled=False):
             out = _StackedLinear.apply(
                 hidden.reshape(-1, hidden.shape[-1]).to(dtype),
-                NormSource.worth_keeping(norm_source) if self.recompute_norm else None,
+                NormSource.worth_keeping(norm_source),
                 stack,
                 len(projections),
                 *(p.weight for p in projections),

@@ -524,13 +524,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config)
+        self.recompute_norms = True  # offer the norms' inputs to the fast paths (see `NormSource`)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, documents: Tensor) -> Tensor:
         attention_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
         hidden = hidden + self.self_attn(
-            attention_norm(hidden), cos, sin, documents, NormSource(hidden, attention_norm)
+            attention_norm(hidden), cos, sin, documents, self._norm_source(hidden, attention_norm)
         )
-        return hidden + self.mlp(mlp_norm(hidden), NormSource(hidden, mlp_norm))
+        return hidden + self.mlp(mlp_norm(hidden), self._norm_source(hidden, mlp_norm))
+
+    def _norm_source(self, hidden: Tensor, norm: RMSNorm) -> NormSource | None:
+        return NormSource(hidden, norm) if self.recompute_norms else None
 
 
 class GptOssDecoder(nn.Module):
@@ -584,11 +588,16 @@ class GptOss(nn.Module):
         return self.loss_fn(hidden, self.lm_head.weight, labels, position_ids)
 
     def set_gradient_checkpointing(
-        self, enabled: bool | Iterable[int] = True, recompute_gate_up: Iterable[int] = ()
+        self,
+        enabled: bool | Iterable[int] = True,
+        recompute_gate_up: Iterable[int] = (),
+        recompute_norms: bool = True,
     ) -> None:
         """Recompute layer activations in backward: True for every layer, False for none, or the
         indices of the layers to recompute (selective checkpointing). `recompute_gate_up`: other
-        layers whose experts recompute only their gate_up projection (`Experts.recompute_gate_up`)."""
+        layers whose experts recompute only their gate_up projection (`Experts.recompute_gate_up`).
+        `recompute_norms`: the fast paths keep the norms' inputs instead of their outputs and
+        normalize again in backward (`NormSource`; two memory-bound passes per layer)."""
         every_layer = range(len(self.model.layers))
         layers = enabled if not isinstance(enabled, bool) else every_layer if enabled else ()
         checkpointed = frozenset(int(index) for index in layers)
@@ -601,6 +610,12 @@ class GptOss(nn.Module):
         self.model.checkpointed_layers = checkpointed
         for index, layer in enumerate(self.model.layers):
             layer.mlp.experts.recompute_gate_up = index in gate_up
+            layer.recompute_norms = recompute_norms
+
+    @property
+    def norms_recomputed(self) -> bool:
+        """Whether the layers offer their norms' inputs to the fast paths (see `NormSource`)."""
+        return all(layer.recompute_norms for layer in self.model.layers)
 
     @property
     def gate_up_recomputed_layers(self) -> frozenset[int]:
