@@ -306,6 +306,15 @@ def test_long_context_mode_measures_one_sequence_per_length() -> None:
     assert "one sequence of each length" in markdown(report)
 
 
+def test_default_micro_batch_is_the_issues_on_a_gpu_and_small_on_a_cpu() -> None:
+    """16k tokens padded for the eager-attention recipes on a CPU took more than a 24 GiB machine."""
+    assert BenchOptions().for_device(torch.device("cuda")).tokens_per_batch == 16384
+    assert BenchOptions().for_device(torch.device("cpu")).tokens_per_batch == 2048
+    assert BenchOptions(tokens_per_batch=512).for_device(torch.device("cuda")).tokens_per_batch == 512
+    with pytest.raises(GptossTuneError, match="--tokens-per-batch must be positive"):
+        BenchOptions(tokens_per_batch=0).validate()
+
+
 def test_long_context_lengths_must_be_tile_multiples() -> None:
     with pytest.raises(GptossTuneError, match="multiples of 128"):
         BenchOptions(long_context=(1000,)).validate()

@@ -407,8 +407,12 @@ def bench(
         str, typer.Option(help="Architecture: 20b, 120b, or tiny (also runs on a CPU).")
     ] = "20b",
     tokens_per_batch: Annotated[
-        int, typer.Option(help="Tokens per micro-batch (packed for ours, padded for the others).")
-    ] = 16384,
+        int | None,
+        typer.Option(
+            help="Tokens per micro-batch (packed for ours, padded for the others).",
+            show_default="16384 on a GPU, 2048 on a CPU",
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps per recipe.")] = 6,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (torch.compile warm-up).")] = 2,
     layers: Annotated[
@@ -573,6 +577,8 @@ def bench(
 def _bench_scaling(
     options, gpu_counts, output: Path, equivalence: bool, record: bool, record_file: Path, ctx
 ):
+    import torch
+
     from gptoss_tune.bench.scaling import (
         UNTIMED_STEPS,
         environment_line,
@@ -581,6 +587,7 @@ def _bench_scaling(
         scaling_table,
     )
 
+    options = options.for_device(torch.device("cuda"))  # the trainer on GPUs
     rows = run_scaling(
         options,
         gpu_counts,

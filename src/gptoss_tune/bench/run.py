@@ -61,11 +61,15 @@ GIB = 1024**3
 LOSS_GAP_TOLERANCE = 0.25
 
 
+GPU_TOKENS_PER_BATCH = 16384  # the issue's micro-batch
+CPU_TOKENS_PER_BATCH = 2048  # the eager-attention recipes' [T, T] scores of 4k-token rows fit a laptop
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     preset: str = "20b"
     layers: int | None = None
-    tokens_per_batch: int = 16384
+    tokens_per_batch: int | None = None  # None: GPU_TOKENS_PER_BATCH on a GPU, CPU_TOKENS_PER_BATCH else
     steps: int = 6
     warmup: int = 2
     recipes: tuple[str, ...] = ("ours", "stock", "cookbook")
@@ -115,13 +119,21 @@ class BenchOptions:
             raise GptossTuneError(
                 f"Unknown --recompute '{self.recompute}'; choose {', '.join(RECOMPUTE_POLICIES)}."
             )
-        if self.steps < 1 or self.warmup < 0 or self.tokens_per_batch < 1:
+        too_few_tokens = self.tokens_per_batch is not None and self.tokens_per_batch < 1
+        if self.steps < 1 or self.warmup < 0 or too_few_tokens:
             raise GptossTuneError("--steps and --tokens-per-batch must be positive, --warmup at least 0.")
         if self.layers is not None and self.layers < 1:
             raise GptossTuneError("--layers must be at least 1.")
         if any(length < 1 or length % PACK_MULTIPLE for length in self.long_context):
             raise GptossTuneError(f"--long-context lengths must be positive multiples of {PACK_MULTIPLE}.")
         return self
+
+    def for_device(self, device: torch.device) -> BenchOptions:
+        """With the micro-batch size filled in for `device` if it was left to the default."""
+        if self.tokens_per_batch is not None:
+            return self
+        default = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
+        return replace(self, tokens_per_batch=default)
 
     def lora(self) -> LoraOptions:
         return LoraOptions.from_strings(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
@@ -386,11 +398,11 @@ class Bench:
         log: Callable[[str], None] = print,
         on_update: Callable[[BenchReport], None] | None = None,
     ) -> None:
-        self.options = options.validate()
+        self.device = pick_device(options.device)
+        self.options = options = options.validate().for_device(self.device)
         self.log = log
         self.on_update = on_update or (lambda report: None)
         self.report = BenchReport({}, [])
-        self.device = pick_device(options.device)
         self.dtype = pick_dtype("auto", self.device)
         self.config = bench_config(options.preset, options.layers)
         self.flop_model = FlopModel(self.config, options.lora_rank, options.lora().target_names())
