@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The recomputation policies against each other within a memory budget, on one H200, in one call
-# (after fa4_stage.sh, carrying .whl, .vocab and .fa4b): the recomputation tests of tests/gpu, then
+# (after fa4_stage.sh, carrying .whl, .vocab and .fa4b): the recomputation tests of tests/gpu (the
+# norms' outputs normalized again in backward included), then
 # the full-depth bench of ours at 16k tokens within BUDGET GiB (default 60) once per --recompute
 # policy on the same seeded weights (STEPS timed steps each, default 6). Each log holds the plan
 # ("checkpointed layers" column: whole layers + gate_up-only layers) and the measured peak.
@@ -15,7 +16,7 @@ POLICIES=${POLICIES:-"layers auto"}
 deadline=$(( $(date +%s) + LIMIT ))
 left() { echo $(( deadline - $(date +%s) )); }
 timeout 240 python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider \
-  -k "recompute or recomputation or recomputing or checkpointing_plan" > "$W/gpu-tests.log" 2>&1
+  -k "recompute or recomputation or recomputing or checkpointing_plan or normaliz" > "$W/gpu-tests.log" 2>&1
 echo "tests rc=$?" >> "$W/gpu-tests.log"
 for policy in $POLICIES; do
   timeout "$(left)" python3 -m gptoss_tune bench --preset 20b --recipes ours --tokens-per-batch 16384 \
