@@ -26,7 +26,7 @@ from gptoss_tune.bench.recipes import (
     packed_document_lengths,
     shared_targets,
 )
-from gptoss_tune.bench.report import loss_gap_tolerance, markdown, throughput_table
+from gptoss_tune.bench.report import describe_meta, loss_gap_tolerance, markdown, throughput_table
 from gptoss_tune.bench.run import (
     LOSS_GAP_TOLERANCE,
     OPTIONAL_KERNEL_PACKAGES,
@@ -421,7 +421,9 @@ def test_bench_with_mxfp4_experts_runs_ours_on_a_cpu_and_records_the_storage(tmp
     recorded = record_file.read_text()
     assert "--expert-storage mxfp4" in recorded and "mxfp4 experts" in recorded
     assert "experts stored MXFP4" in recorded and "| ours | ok |" in recorded
-    assert "ours recomputes whole layers or only their experts' gate_up" in recorded
+    assert "ours checkpoints every layer (a memory plan needs a GPU)" in recorded
+    on_a_gpu = describe_meta({**report["meta"], "device": "NVIDIA H200"})
+    assert "ours recomputes its norms' outputs, then whole layers or only their experts' gate_up" in on_a_gpu
 
 
 def test_bench_record_includes_the_components_table(tmp_path, monkeypatch) -> None:

@@ -99,8 +99,16 @@ def _kernel_packages(meta: dict) -> str:
 
 def _recomputed(meta: dict) -> str:
     if meta.get("recompute", "layers") == "auto":
-        return "whole layers or only their experts' gate_up (least measured time)"
-    return "whole layers"
+        return "its norms' outputs, then whole layers or only their experts' gate_up (least measured time),"
+    return "its norms' outputs, then whole layers,"
+
+
+def _memory_policy(meta: dict) -> str:
+    if not meta["memory_budget_gib"]:
+        return "ours checkpoints no layer; "
+    if meta["device"] == "cpu":
+        return "ours checkpoints every layer (a memory plan needs a GPU); "
+    return f"ours recomputes {_recomputed(meta)} as a {meta['memory_budget_gib']} GiB budget needs; "
 
 
 def describe_meta(meta: dict) -> str:
@@ -115,11 +123,7 @@ def describe_meta(meta: dict) -> str:
             else f"{meta['tokens_per_batch']:,} tokens per micro-batch"
         )
         + f", {meta['warmup']} warm-up (plus one per new padded shape) + {meta['steps']} timed steps; "
-        + (
-            f"ours recomputes {_recomputed(meta)} as a {meta['memory_budget_gib']} GiB budget needs; "
-            if meta["memory_budget_gib"]
-            else "ours checkpoints no layer; "
-        )
+        + _memory_policy(meta)
         + (
             f"MFU against {meta['peak_tflops']} TFLOP/s (bf16 dense), FLOPs as in bench/flops.py."
             if meta["peak_tflops"]
