@@ -616,10 +616,7 @@ class GroupedExperts:
     """
 
     def __init__(
-        self,
-        compile: bool = True,
-        epilogues: Epilogues | None = None,
-        gemm: ExpertGemm | None = None,
+        self, compile: bool = True, epilogues: Epilogues | None = None, gemm: ExpertGemm | None = None
     ) -> None:
         """`epilogues`: use these on every device instead of choosing (tests run the Triton ones on
         the CPU under Triton's interpreter). `gemm`: the base GEMMs (default: quack where it can
