@@ -22,6 +22,12 @@ installed loss function on `tokens` trained positions, so a loss that keeps less
 for activations). The first layers are the checkpointed ones, then the layers that recompute their
 gate_up: all activations are alive when backward starts, so these hold their transients when the
 rest has been freed.
+
+Two approximations, of opposite sign, that roughly cancel (the measured peaks of full-depth runs
+stayed under their budgets): a measured layer's `saved` leaves out its output, which the next
+layer's norm keeps (one [N, H] tensor per layer that is not checkpointed), and `fixed` counts the
+loss's whole transient peak, which is over before the layers' backward starts. Correcting either
+alone moves the plan's fit to its budget; do both together, on a GPU.
 """
 
 from __future__ import annotations
