@@ -715,6 +715,22 @@ def test_fast_layers_keep_neither_norms_output_for_the_same_gradients() -> None:
     assert kept_bytes - expected_bytes == (2 * config.num_hidden_layers - 1) * 64 * config.hidden_size * 4
 
 
+@pytest.mark.slow
+def test_compiled_fast_layers_normalize_again_to_the_same_gradients_under_autocast() -> None:
+    """The compiled norm runs again in backward without autograd (another compiled graph than the
+    forward's): on the CPU it gives the same bits, so the same LoRA gradients (tests/gpu: CUDA)."""
+    model = small_model()
+    enable_fast_paths(model, compile=True)
+    batch = packed_batch(length=256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again_loss, again = lora_gradients(model, *batch)
+        RecomputePlan(norms_kept=True).apply(model)
+        kept_loss, kept = lora_gradients(model, *batch)
+    assert again_loss == kept_loss
+    for name, grad in kept.items():
+        assert torch.equal(again[name], grad), name
+
+
 def test_checkpointed_fast_layers_train_the_same() -> None:
     """Checkpointing a layer whose projections and experts normalize again in backward: the
     recomputed forward hands them new norm inputs, and the gradients stay those of keeping all."""
