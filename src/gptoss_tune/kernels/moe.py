@@ -555,20 +555,17 @@ class _LoraExperts(torch.autograd.Function):
         if layer.recompute_gate_up:
             pre_activation = gate_up_inputs = None
         reads_tokens = layer.gate_up is not None or layer.recompute_gate_up
-        # the norm module alone goes on ctx: a tensor there would escape checkpointing's hooks
-        ctx.norm = norm_source.norm if norm_source and reads_tokens else None
-        kept = (norm_source.hidden if norm_source else tokens) if reads_tokens else None
+        kept, ctx.norm = NormSource.keep(tokens, norm_source) if reads_tokens else (None, None)
         ctx.save_for_backward(kept, pre_activation, weights, gate_up_inputs, down_inputs)
         ctx.layer, ctx.weights_dtype, ctx.tokens_dtype = layer, expert_weights.dtype, tokens.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
+        kept, pre_activation, weights, gate_up_inputs, down_inputs = ctx.saved_tensors
         layer: _Layer = ctx.layer
-        if ctx.norm is not None:  # tokens holds the norm's input: normalize it again, as in forward
-            tokens = NormSource(tokens, ctx.norm).normalized_rows(ctx.tokens_dtype)
         dtype = ctx.tokens_dtype
+        tokens = NormSource.rows_again(kept, ctx.norm, dtype)
         with torch.autocast(grad_out.device.type, enabled=False):
             if layer.recompute_gate_up:
                 pre_activation, activated, gate_up_inputs = _gate_up_forward(layer, tokens)

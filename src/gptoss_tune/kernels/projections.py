@@ -110,19 +110,15 @@ class _StackedLinear(torch.autograd.Function):
             low_rank = out[:, total:].contiguous()  # x A_all^T [N, R'], rounded like F.linear's
             out[:, :total].addmm_(low_rank, stack.low_rank_outputs(lora_bs, dtype).t())
         ctx.stack, ctx.count, ctx.dtype = stack, count, dtype
-        # only the adapters' gradients read x; the norm module alone goes on ctx (a tensor there
-        # would escape checkpointing's saved-tensor hooks)
-        ctx.norm = norm_source.norm if norm_source and lora_as else None
-        kept = (norm_source.hidden if norm_source else x) if lora_as else None
+        kept, ctx.norm = NormSource.keep(x, norm_source) if lora_as else (None, None)  # x: LoRA grads only
         ctx.save_for_backward(kept, low_rank, *weights, *lora_as, *lora_bs)
         return out[:, :total]  # without adapters, the whole output
 
     @staticmethod
     def backward(ctx, grad_out):
         stack, count, dtype = ctx.stack, ctx.count, ctx.dtype
-        x, low_rank, *rest = ctx.saved_tensors
-        if ctx.norm is not None:  # x is the norm's input: normalize it again, as in forward
-            x = NormSource(x, ctx.norm).normalized_rows(dtype)
+        kept, low_rank, *rest = ctx.saved_tensors
+        x = NormSource.rows_again(kept, ctx.norm, dtype)
         weights, factors = rest[:count], rest[count:]
         lora_as, lora_bs = factors[: len(factors) // 2], factors[len(factors) // 2 :]
         grad_out = grad_out.contiguous()

@@ -263,11 +263,21 @@ class NormSource:
         norm_trains = any(param.requires_grad for param in norm_source.norm.parameters())
         return norm_source if norm_source.hidden.requires_grad or norm_trains else None
 
-    def normalized_rows(self, dtype: torch.dtype) -> Tensor:
-        """`norm(hidden)` again, without autograd, as [N, H] rows in `dtype` (as the fast paths
-        read it in forward): the same function on the same values gives the same result."""
+    @staticmethod
+    def keep(rows: Tensor, norm_source: NormSource | None) -> tuple[Tensor, RMSNorm | None]:
+        """What a fast path that reads `rows` (the norm's output, as [N, H] rows) in backward keeps
+        for it: the norm's input and the norm, or the rows themselves without a source. Only the
+        tensor goes to `save_for_backward` (a tensor on ctx would escape checkpointing's hooks)."""
+        return (norm_source.hidden, norm_source.norm) if norm_source is not None else (rows, None)
+
+    @staticmethod
+    def rows_again(kept: Tensor | None, norm: RMSNorm | None, dtype: torch.dtype) -> Tensor | None:
+        """The rows `keep` kept for: `norm(kept)` again, without autograd, as [N, H] rows in `dtype`
+        (the same function on the same values gives the same result); `kept` itself without a norm."""
+        if norm is None:
+            return kept
         with torch.no_grad():
-            normed = self.norm(self.hidden)
+            normed = norm(kept)
         return normed.reshape(-1, normed.shape[-1]).to(dtype)
 
 
