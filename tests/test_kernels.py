@@ -697,9 +697,12 @@ def gradients_under_plan(model: GptOss, batch, plan: RecomputePlan):
 
 def test_fast_layers_keep_neither_norms_output_for_the_same_gradients() -> None:
     model = small_model()
+    assert not model.norms_recomputed  # the eager references keep what autograd keeps
+    assert RecomputePlan.of(model).describe(2) == "0 of 2 layers recomputed"
     enable_fast_paths(model, compile=False)
     batch = packed_batch(length=64)
-    assert model.norms_recomputed  # the default
+    assert model.norms_recomputed  # the default with the fast paths
+    assert RecomputePlan.of(model).describe(2) == "0 of 2 layers recomputed; norm outputs recomputed"
     expected_loss, expected = lora_gradients(model, *batch)
     expected_bytes = saved_bytes(lambda: model.loss(*batch))
     RecomputePlan(norms_kept=True).apply(model)

@@ -612,6 +612,8 @@ class GroupedExperts:
     weight or bias is trainable (the hand-written backward keeps no gradient for them).
     """
 
+    takes_norm_source = True  # see `gptoss_tune.model.gpt_oss.NormSource`
+
     def __init__(
         self, compile: bool = True, epilogues: Epilogues | None = None, gemm: ExpertGemm | None = None
     ) -> None:

@@ -152,6 +152,8 @@ class StackedProjections:
     Given a `NormSource`, keeps its hidden instead of the input (see the module).
     """
 
+    takes_norm_source = True  # see `gptoss_tune.model.gpt_oss.NormSource`
+
     @staticmethod
     def can_run(projections: Sequence[nn.Linear]) -> bool:
         first = projections[0]

@@ -624,8 +624,14 @@ class GptOss(nn.Module):
 
     @property
     def norms_recomputed(self) -> bool:
-        """Whether the layers offer their norms' inputs to the fast paths (see `NormSource`)."""
-        return all(layer.recompute_norms for layer in self.model.layers)
+        """Whether the layers normalize again in backward: they offer their norms' inputs, and their
+        projections or experts take them (the fast paths do, `takes_norm_source`; the eager references
+        keep what autograd keeps)."""
+        kernels = [
+            fn for layer in self.model.layers for fn in (layer.self_attn.projections_fn, layer.mlp.experts_fn)
+        ]
+        offered = all(layer.recompute_norms for layer in self.model.layers)
+        return offered and any(getattr(fn, "takes_norm_source", False) for fn in kernels)
 
     @property
     def gate_up_recomputed_layers(self) -> frozenset[int]:
