@@ -241,7 +241,7 @@ class RMSNorm(nn.Module):
         return self.norm_fn(hidden, self.weight, self.eps)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare the tensors elementwise
 class NormSource:
     """What a normalized hidden state was computed from: `norm(hidden)`.
 
