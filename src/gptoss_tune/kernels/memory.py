@@ -262,15 +262,15 @@ def measure_layer_memory(
     try:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             hidden, cos, sin, documents = _random_layer_inputs(model, tokens, dtype, device)
-            for way, gate_up, norms, repeats in (
-                ("all", False, True, TIMED_RUNS),
-                ("gate_up", True, True, TIMED_RUNS),
-                ("norms", False, False, TIMED_RUNS),
+            for way, gate_up, norms in (
+                ("all", False, True),
+                ("gate_up", True, True),
+                ("norms", False, False),
             ):
                 experts.recompute_gate_up, layer.recompute_norms = gate_up, norms
                 _layer_forward_backward(layer, hidden, cos, sin, documents)  # warm-up
                 runs[way] = _median_run(
-                    [_layer_forward_backward(layer, hidden, cos, sin, documents) for _ in range(repeats)]
+                    [_layer_forward_backward(layer, hidden, cos, sin, documents) for _ in range(TIMED_RUNS)]
                 )
     finally:
         experts.recompute_gate_up, layer.recompute_norms = settings

@@ -668,5 +668,5 @@ class GroupedExperts:
         )  # fmt: skip
         return _LoraExperts.apply(
             tokens, expert_weights, *_factors(gate_up), *_factors(down), layer, hidden.dtype,
-            NormSource.worth_keeping(norm_source),
+            norm_source,
         )  # fmt: skip

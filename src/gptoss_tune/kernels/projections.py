@@ -187,7 +187,7 @@ class StackedProjections:
         with torch.autocast(device, enabled=False):
             out = _StackedLinear.apply(
                 hidden.reshape(-1, hidden.shape[-1]).to(dtype),
-                NormSource.worth_keeping(norm_source),
+                norm_source,
                 stack,
                 len(projections),
                 *(p.weight for p in projections),

@@ -254,14 +254,11 @@ class NormSource:
     hidden: Tensor
     norm: RMSNorm
 
-    @staticmethod
-    def worth_keeping(norm_source: NormSource | None) -> NormSource | None:
-        """`norm_source` if the norm's backward runs, so that the norm keeps its hidden anyway;
-        else None (the first layer's input: the embedding is frozen, so its norm keeps nothing)."""
-        if norm_source is None or not torch.is_grad_enabled():
-            return None
-        norm_trains = any(param.requires_grad for param in norm_source.norm.parameters())
-        return norm_source if norm_source.hidden.requires_grad or norm_trains else None
+    def kept_by_the_norm(self) -> bool:
+        """Whether the norm's backward runs, so that the norm keeps `hidden` anyway (not for the
+        first layer's input: the embedding is frozen, so its norm keeps nothing)."""
+        norm_trains = any(param.requires_grad for param in self.norm.parameters())
+        return torch.is_grad_enabled() and (self.hidden.requires_grad or norm_trains)
 
     @staticmethod
     def keep(rows: Tensor, norm_source: NormSource | None) -> tuple[Tensor, RMSNorm | None]:
@@ -544,7 +541,9 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(mlp_norm(hidden), self._norm_source(hidden, mlp_norm))
 
     def _norm_source(self, hidden: Tensor, norm: RMSNorm) -> NormSource | None:
-        return NormSource(hidden, norm) if self.recompute_norms else None
+        """Offered only where keeping `hidden` costs nothing: the norm keeps it anyway."""
+        source = NormSource(hidden, norm)
+        return source if self.recompute_norms and source.kept_by_the_norm() else None
 
 
 class GptOssDecoder(nn.Module):
