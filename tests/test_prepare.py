@@ -13,6 +13,7 @@ from gptoss_tune.cli import app
 from gptoss_tune.data.prepare import PrepareOptions, prepare
 from gptoss_tune.errors import DataError, GptossTuneError
 from gptoss_tune.harmony import tokens as T
+from gptoss_tune.harmony.vocab import harmony_encoding
 
 from cases import ALL_ROWS, MESSAGES_ROWS
 
@@ -78,6 +79,140 @@ def test_every_local_source_gives_the_same_examples(kind, tmp_path):
     assert (
         datasets.load_from_disk(str(out))["input_ids"] == datasets.load_from_disk(str(reference))["input_ids"]
     )
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+
+
+def tool_row(tool: dict, arguments: dict, answer: str) -> dict:
+    name = tool["function"]["name"]
+    call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "tools": [tool],
+        "messages": [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "thinking": "call it", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "result"},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved"])
+def test_arrow_sources_do_not_give_tools_the_fields_of_other_rows(kind, tmp_path):
+    """Arrow fills every record with every field of its column (null where absent): those nulls must
+    not reach a tool schema or the call's arguments."""
+    rows = [tool_row(WEATHER, {"city": "Oslo"}, "Cold."), tool_row(ADD, {"a": 1, "b": 2}, "3")]
+    reference = tmp_path / "ref"
+    prepare(str(write_jsonl(tmp_path / "a.jsonl", rows)), reference, PrepareOptions())
+    if kind == "parquet":
+        source = tmp_path / "a.parquet"
+        pd.DataFrame(rows).to_parquet(source)
+    else:
+        source = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(source))
+    assert (
+        datasets.Dataset.from_list(rows)[0]["tools"][0]["function"]["parameters"]["properties"]["a"] is None
+    )
+    out = tmp_path / "out"
+    prepare(str(source), out, PrepareOptions())
+    assert (
+        datasets.load_from_disk(str(out))["input_ids"] == datasets.load_from_disk(str(reference))["input_ids"]
+    )
+
+
+def test_byte_order_marks_and_folder_leftovers_are_not_data(tmp_path):
+    rows = [ALL_ROWS["alpaca"], ALL_ROWS["alpaca_no_input"]]
+    prepare(str(write_jsonl(tmp_path / "a.jsonl", rows)), tmp_path / "ref", PrepareOptions())
+    expected = datasets.load_from_disk(str(tmp_path / "ref"))["input_ids"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text(text)
+    prepare(str(folder), folder / "prepared", PrepareOptions())
+    assert datasets.load_from_disk(str(folder / "prepared"))["input_ids"] == expected
+    # again, with the first output inside the folder: it is not read as data
+    prepare(str(folder), folder / "prepared", PrepareOptions(), overwrite=True)
+    assert datasets.load_from_disk(str(folder / "prepared"))["input_ids"] == expected
+    csv = tmp_path / "a.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + pd.DataFrame(rows).fillna("").to_csv(index=False).encode())
+    prepare(str(csv), tmp_path / "c", PrepareOptions())
+    assert datasets.load_from_disk(str(tmp_path / "c"))["input_ids"] == expected
+
+
+def test_a_prompts_example_answers_are_never_trained(tmp_path):
+    row = {
+        "prompt": [
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+        ],
+        "completion": "A2",
+    }
+    source = write_jsonl(tmp_path / "p.jsonl", [row])
+    encoding = harmony_encoding()
+    for policy in ("turns", "last", "assistant", "final"):
+        out = tmp_path / policy
+        info = prepare(str(source), out, PrepareOptions(loss_on=policy))
+        assert info["stats"]["examples"] == 1, policy
+        example = datasets.load_from_disk(str(out))[0]
+        trained = encoding.decode([label for label in example["labels"] if label != T.IGNORE_INDEX])
+        assert "A2" in trained and "A1" not in trained, policy
+    info = prepare(str(source), tmp_path / "all", PrepareOptions(loss_on="all"))
+    assert info["stats"]["trained_tokens"] == info["stats"]["tokens"]
+
+
+def test_a_tool_schema_the_official_template_cannot_write_names_the_row(tmp_path):
+    undescribed = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    rows = [ALL_ROWS["mt"], tool_row(undescribed, {}, "Noon.")]
+    source = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        prepare(str(source), tmp_path / "out", PrepareOptions())
+    assert (info.value.file, info.value.row, info.value.field) == (str(source), "line 2", "tools")
+    assert "--template harmony" in str(info.value) and not (tmp_path / "out").exists()
+    skipped = prepare(str(source), tmp_path / "skip", PrepareOptions(skip_invalid=True))
+    assert skipped["stats"]["skipped"] == {"invalid_tools": 1} and skipped["stats"]["conversations"] == 1
+    # openai-harmony writes a function without a description
+    assert (
+        prepare(str(source), tmp_path / "h", PrepareOptions(template="harmony"))["stats"]["conversations"]
+        == 2
+    )
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_the_work(chats, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(GptossTuneError, match="is a file"):
+            prepare(str(chats), taken, PrepareOptions(), overwrite=overwrite)
+    assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("date", ["20250805", "2025-W32-2", "2025-8-5", "2025-02-30"])
+def test_dates_must_be_written_year_month_day(date):
+    with pytest.raises(GptossTuneError, match="YYYY-MM-DD"):
+        PrepareOptions(date=date)
 
 
 def test_bundled_sample_prepares_with_every_policy(tmp_path):

@@ -8,7 +8,7 @@ from importlib import resources
 import openai_harmony as oh
 import pytest
 
-from gptoss_tune.data.conversation import Conversation
+from gptoss_tune.data.conversation import Conversation, Message
 from gptoss_tune.data.load import SourceRow
 from gptoss_tune.data.shapes import detect_format, normalize
 from gptoss_tune.harmony import tokens as T
@@ -125,7 +125,7 @@ def harmony_reference(conversation: Conversation, options: RenderOptions) -> lis
         )
     if developer.instructions or conversation.tools:
         messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-    keep = keeps_thinking(conversation)[len(conversation.messages) - len(rest) :]
+    keep = keeps_thinking(conversation, "harmony")[len(conversation.messages) - len(rest) :]
     for m, keep_thinking in zip(rest, keep, strict=True):
         if m.role == "user":
             messages.append(oh.Message.from_role_and_content(oh.Role.USER, m.content))
@@ -188,18 +188,70 @@ def test_assistant_completions_agree_between_templates(name):
 
 def test_thinking_is_kept_only_where_inference_sees_it():
     conversation = conversation_of("multi_turn_thinking")
-    assert keeps_thinking(conversation) == [False, False, False, False, False, False, True]
+    for template in ("hf", "harmony"):
+        assert keeps_thinking(conversation, template) == [False, False, False, False, False, False, True]
     tool = conversation_of("tool_call")
-    # the call's thinking is dropped once a final answer follows; the final answer's is kept
-    assert [k for m, k in zip(tool.messages, keeps_thinking(tool), strict=True) if m.role == "assistant"] == [
-        False,
-        True,
+
+    def kept(conversation, template):
+        keep = keeps_thinking(conversation, template)
+        return [k for m, k in zip(conversation.messages, keep, strict=True) if m.role == "assistant"]
+
+    # hf: the official template drops the call's thinking once a final answer follows it
+    assert kept(tool, "hf") == [False, True]
+    # harmony: the turn's final answer is written with the call's thinking in view
+    assert kept(tool, "harmony") == [True, True]
+    # a later turn drops it under both
+    later = Conversation(tool.messages + (Message("user", "And Rome?"), Message("assistant", "Sunny.", "t")))
+    assert kept(later, "hf") == kept(later, "harmony") == [False, False, True]
+    for template in ("hf", "harmony"):
+        assert kept(tool.truncated(2), template) == [True]
+
+
+def test_harmony_final_answer_after_a_tool_sees_what_inference_shows(encoding):
+    """The context of a final answer that follows a tool result is what openai-harmony renders for
+    the next completion of that conversation: the call's thinking included."""
+    tool = conversation_of("tool_call")
+    options = RenderOptions("harmony", "2025-01-15", "medium")
+    rendered = render(tool, options)
+    answer = assistant_blocks(rendered)[-1]
+    messages = [
+        oh.Message.from_role_and_content(
+            oh.Role.SYSTEM,
+            oh.SystemContent.new()
+            .with_conversation_start_date(options.date)
+            .with_reasoning_effort(oh.ReasoningEffort.MEDIUM),
+        ),
+        oh.Message.from_role_and_content(
+            oh.Role.DEVELOPER,
+            oh.DeveloperContent.new()
+            .with_instructions(tool.messages[0].content)
+            .with_function_tools(
+                [
+                    oh.ToolDescription.new(
+                        t["function"]["name"], t["function"]["description"], t["function"]["parameters"]
+                    )
+                    for t in tool.tools
+                ]
+            ),
+        ),
+        oh.Message.from_role_and_content(oh.Role.USER, tool.messages[1].content),
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, tool.messages[2].thinking).with_channel(
+            "analysis"
+        ),
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, tool.messages[2].tool_call.arguments_text())
+        .with_channel("commentary")
+        .with_recipient("functions.get_weather")
+        .with_content_type("<|constrain|>json"),
+        oh.Message.from_author_and_content(
+            oh.Author.new(oh.Role.TOOL, "functions.get_weather"), tool.messages[3].content
+        )
+        .with_channel("commentary")
+        .with_recipient("assistant"),
     ]
-    assert [
-        k
-        for m, k in zip(tool.messages[:3], keeps_thinking(tool.truncated(2)), strict=True)
-        if m.role == "assistant"
-    ] == [True]
+    prompt = encoding.render_conversation_for_completion(
+        oh.Conversation.from_messages(messages), oh.Role.ASSISTANT
+    )
+    assert rendered.ids[: answer[0].start + 2] == list(prompt)
 
 
 def test_system_message_carries_date_and_effort(encoding):

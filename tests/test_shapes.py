@@ -126,6 +126,31 @@ def test_content_parts_and_csv_json_cells():
     assert c.messages[0].content == "hi there"
 
 
+def test_prompt_completion_text_that_looks_like_json_stays_text():
+    for text in ('{"name": "Bob", "age": 3}', "[2, 3, 5]", "[]", "{}"):
+        c = norm({"prompt": text, "completion": text})
+        assert [(m.role, m.content) for m in c.messages] == [("user", text), ("assistant", text)]
+    # a message list given as JSON text (a CSV cell) is still a message list
+    c = norm({"prompt": '[{"role": "user", "content": "Q"}]', "completion": "A"})
+    assert [(m.role, m.content) for m in c.messages] == [("user", "Q"), ("assistant", "A")]
+
+
+def test_a_prompts_messages_are_context():
+    fewshot = {
+        "prompt": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+        ],
+        "completion": [{"role": "assistant", "content": "A2"}],
+    }
+    c = norm(fewshot)
+    assert c.context_messages == 4 and c.trainable_blocks() == [(4, 4)]
+    assert norm({"prompt": "Q", "completion": "A"}).context_messages == 1
+    assert norm(ALL_ROWS["mt"]).context_messages == 0
+
+
 @pytest.mark.parametrize(
     ("data", "field", "reason"),
     [
@@ -184,6 +209,22 @@ def test_content_parts_and_csv_json_cells():
         ({"conversations": [{"from": "human", "value": None}]}, "conversations[0].value", "missing_content"),
         ({"instruction": "x", "output": 3}, "output", "invalid_field"),
         ({"prompt": "x", "completion": None}, "completion", "missing_field"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": "city"}}],
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            },
+            "tools[0].function.parameters",
+            "invalid_tools",
+        ),
+        (
+            {
+                "tools": [{"name": "f", "description": 3}],
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            },
+            "tools[0].description",
+            "invalid_tools",
+        ),
     ],
 )
 def test_bad_rows_name_file_row_and_field(data, field, reason):

@@ -70,7 +70,8 @@ def prepare(
     template: Annotated[
         str,
         typer.Option(
-            help="hf: the official chat template, token for token; harmony: openai-harmony's rendering."
+            help="hf: the official chat template, token for token; harmony: openai-harmony's rendering, "
+            "which also keeps a tool-calling turn's thinking in view of its final answer, as inference does."
         ),
     ] = "hf",
     loss_on: Annotated[

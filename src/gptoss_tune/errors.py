@@ -26,3 +26,7 @@ class DataError(GptossTuneError):
         self.file, self.row, self.field, self.reason, self.detail = file, row, field, reason, message
         where = ", ".join(part for part in (file, row, f"field '{field}'" if field else None) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+    def located(self, file: str, row: str) -> DataError:
+        """The same error, said of the row it was found in."""
+        return DataError(self.detail, file=file, row=row, field=self.field, reason=self.reason)

@@ -15,8 +15,12 @@ from typing import IO, Any
 from gptoss_tune.errors import GptossTuneError
 
 
-def _is_empty_directory(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+def holds_files(output: Path) -> bool:
+    """Whether an output folder already has something in it. An output path that is a file is an
+    error: no command writes its outputs over a file."""
+    if output.exists() and not output.is_dir():
+        raise GptossTuneError(f"{output} is a file, and the output must be a folder: choose another path.")
+    return output.is_dir() and any(output.iterdir())
 
 
 @contextmanager
@@ -25,7 +29,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     delete it on failure, so a failed run never leaves a half-written output. An existing `out_dir`
     is replaced only with `overwrite` (or when it is an empty directory)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and not _is_empty_directory(out_dir):
+    if holds_files(out_dir) and not overwrite:
         raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -36,8 +36,12 @@ class Conversation:
     messages: tuple[Message, ...]
     tools: tuple[dict, ...] = ()  # OpenAI function schemas: {"type": "function", "function": {...}}
     source_index: int = 0  # position of the row in the input, for errors and the prepared dataset
-    source: str = ""  # "file, line N", for messages
+    source_file: str = ""  # where the row came from, for error messages
+    source_row: str = ""  # "line N" or "row N"
     dropped_messages: int = 0  # system/developer messages after the first (no template renders them)
+    # Leading messages that are context only (a prompt-completion row's prompt): a policy that trains
+    # assistant blocks trains none of theirs.
+    context_messages: int = 0
 
     def assistant_blocks(self) -> list[tuple[int, int]]:
         """(first, last) message indices of each maximal run of consecutive assistant messages."""
@@ -50,6 +54,10 @@ class Conversation:
             else:
                 blocks.append((i, i))
         return blocks
+
+    def trainable_blocks(self) -> list[tuple[int, int]]:
+        """The assistant blocks a policy may train: those that end after the context."""
+        return [block for block in self.assistant_blocks() if block[1] >= self.context_messages]
 
     def truncated(self, last_index: int) -> Conversation:
         return replace(self, messages=self.messages[: last_index + 1])

@@ -2,6 +2,10 @@
 
 Every row carries where it came from (file and line or row number) so errors can point at it. A
 row that cannot even be parsed is yielded with its error, so `--skip-invalid` can count it.
+
+Arrow sources (Parquet, `save_to_disk` folders, the hub) give every record of a column every field
+any record has, filled with null: there a null field means an absent one and is dropped, so that a
+tool schema or tool-call arguments never gain fields the data does not have.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def _iter_file(path: Path) -> Iterator[SourceRow]:
 
 
 def _iter_json_lines(path: Path) -> Iterator[SourceRow]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first row
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -111,7 +115,7 @@ def _object_row(path: Path, where: str, value) -> SourceRow:
 
 
 def _iter_json(path: Path) -> Iterator[SourceRow]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -145,25 +149,48 @@ def _iter_parquet(path: Path) -> Iterator[SourceRow]:
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             number += 1
-            yield SourceRow(str(path), f"row {number}", data=record)
+            yield SourceRow(str(path), f"row {number}", data=without_arrow_nulls(record))
 
 
 def _iter_csv(path: Path) -> Iterator[SourceRow]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         for record in reader:
             yield SourceRow(str(path), f"line {reader.line_num}", data=dict(record))
+
+
+def without_arrow_nulls(value):
+    """A record read through Arrow with its null fields dropped, at every depth (list items stay)."""
+    if isinstance(value, dict):
+        return {key: without_arrow_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_arrow_nulls(item) for item in value]
+    return value
 
 
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The data files of a folder of files, at any depth. Hidden files and folders (editor and
+    notebook copies) are not data, nor are datasets saved inside it (such as a prepared output)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not _is_saved_dataset(entry):
+            found.extend(_data_files(entry))
+        elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
+            found.append(entry)
+    return found
+
+
 def _iter_directory(path: Path, split: str | None) -> Iterator[SourceRow]:
     if _is_saved_dataset(path):
         yield from _iter_saved_dataset(path, split)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+    files = _data_files(path)
     if not files:
         raise GptossTuneError(
             f"{path}: the folder holds no {', '.join(FILE_SUFFIXES)} files and is not a "
@@ -175,7 +202,7 @@ def _iter_directory(path: Path, split: str | None) -> Iterator[SourceRow]:
 
 def _iter_dataset(dataset, label: str) -> Iterator[SourceRow]:
     for number, record in enumerate(dataset, start=1):
-        yield SourceRow(label, f"row {number}", data=record)
+        yield SourceRow(label, f"row {number}", data=without_arrow_nulls(record))
 
 
 def _pick_split(dataset_dict, split: str | None, label: str):

@@ -19,7 +19,7 @@ from gptoss_tune.data.conversation import Conversation
 from gptoss_tune.data.load import SourceRow, iter_rows
 from gptoss_tune.data.shapes import FORMATS, detect_format, normalize
 from gptoss_tune.errors import DataError, GptossTuneError
-from gptoss_tune.files import atomic_directory, write_json
+from gptoss_tune.files import atomic_directory, holds_files, write_json
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.harmony.labels import POLICIES, make_labels
 from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, render
@@ -92,13 +92,16 @@ class PrepareStats:
 def examples_for(conversation: Conversation, options: PrepareOptions) -> Iterator[Example]:
     """The examples of one conversation under the label policy (before length limits)."""
     render_options = options.render_options()
+    trainable = conversation.trainable_blocks()
     if options.loss_on == "turns":
-        for turn, (_, last) in enumerate(conversation.assistant_blocks()):
+        for turn, (_, last) in enumerate(trainable):
             rendered = render(conversation.truncated(last), render_options)
             yield Example(rendered.ids, make_labels(rendered, "last"), conversation.source_index, turn)
     else:
         rendered = render(conversation, render_options)
-        yield Example(rendered.ids, make_labels(rendered, options.loss_on), conversation.source_index, 0)
+        context_blocks = len(conversation.assistant_blocks()) - len(trainable)
+        labels = make_labels(rendered, options.loss_on, context_blocks)
+        yield Example(rendered.ids, labels, conversation.source_index, 0)
 
 
 def count_trained(labels: list[int]) -> int:
@@ -123,6 +126,13 @@ def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) 
     return None
 
 
+def skip_or_raise(error: DataError, options: PrepareOptions, stats: PrepareStats) -> None:
+    """A bad row stops the run, or with --skip-invalid is counted by its reason."""
+    if not options.skip_invalid:
+        raise error
+    stats.skipped[error.reason] += 1
+
+
 def iter_conversations(
     rows: Iterator[SourceRow], options: PrepareOptions, stats: PrepareStats
 ) -> Iterator[Conversation]:
@@ -135,12 +145,8 @@ def iter_conversations(
             fmt = fmt or detect_format(row)
             conversation = normalize(row, fmt, index)
         except DataError as exc:
-            if not options.skip_invalid:
-                raise
-            stats.skipped[exc.reason] += 1
+            skip_or_raise(exc, options, stats)
             continue
-        stats.conversations += 1
-        stats.dropped_system_messages += conversation.dropped_messages
         yield conversation
 
 
@@ -153,7 +159,14 @@ def build_examples(
     examples: list[Example] = []
     for conversation in iter_conversations(rows, options, stats):
         on_row()
-        for example in examples_for(conversation, options):
+        try:
+            rendered = list(examples_for(conversation, options))
+        except DataError as exc:  # what only a template finds (a tool schema it cannot write)
+            skip_or_raise(exc.located(conversation.source_file, conversation.source_row), options, stats)
+            continue
+        stats.conversations += 1
+        stats.dropped_system_messages += conversation.dropped_messages
+        for example in rendered:
             trained = count_trained(example.labels)
             if trained == 0:
                 stats.skipped["no_trained_tokens"] += 1
@@ -207,12 +220,16 @@ def _to_dataset(examples: list[Example]):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def write_prepared(examples: list[Example], info: dict, output: Path, overwrite: bool) -> None:
-    """Write the dataset folder atomically: a temporary sibling renamed into place when complete."""
-    if output.exists() and not overwrite and any(output.iterdir()):
+def check_output(output: Path, overwrite: bool) -> None:
+    if holds_files(output) and not overwrite:
         raise GptossTuneError(
             f"{output} already exists and is not empty; pass --overwrite or choose another --output."
         )
+
+
+def write_prepared(examples: list[Example], info: dict, output: Path, overwrite: bool) -> None:
+    """Write the dataset folder atomically: a temporary sibling renamed into place when complete."""
+    check_output(output, overwrite)
     with atomic_directory(output, overwrite=True) as tmp:
         with _quiet_datasets():
             _to_dataset(examples).save_to_disk(str(tmp))
@@ -228,6 +245,7 @@ def prepare(
 ) -> dict:
     """Prepare `source` into `output`; returns the prepare.json content."""
     started = time.perf_counter()
+    check_output(Path(output), overwrite)  # before the work, not only after it
     stats = PrepareStats()
     examples = build_examples(iter_rows(source, options.split, options.subset), options, stats, progress)
     if not examples:

@@ -62,6 +62,7 @@ def detect_format(row: SourceRow) -> str:
 def normalize(row: SourceRow, fmt: str, index: int) -> Conversation:
     """One row in the given shape -> Conversation (raises DataError)."""
     ctx = _Row(row)
+    context = 0  # leading raw messages that are context only
     if fmt == "messages":
         raw_messages = ctx.list_field(row.data, "messages")
         tools = _tools(ctx, row.data.get("tools"))
@@ -70,12 +71,12 @@ def normalize(row: SourceRow, fmt: str, index: int) -> Conversation:
     elif fmt == "alpaca":
         raw_messages, tools = _alpaca_messages(ctx), ()
     elif fmt == "prompt-completion":
-        raw_messages, tools = _prompt_completion_messages(ctx), _tools(ctx, row.data.get("tools"))
+        (raw_messages, context), tools = _prompt_completion_messages(ctx), _tools(ctx, row.data.get("tools"))
     elif fmt == "mt-columns":
         raw_messages, tools = _mt_column_messages(ctx), ()
     else:
         raise DataError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", reason="unknown_shape")
-    return _conversation(ctx, raw_messages, tools, index)
+    return _conversation(ctx, raw_messages, tools, index, context)
 
 
 @dataclass
@@ -173,11 +174,24 @@ def _alpaca_messages(ctx: _Row) -> list[dict]:
     ]
 
 
-def _prompt_completion_messages(ctx: _Row) -> list[dict]:
+def _maybe_message_list(value: Any) -> Any:
+    """A prompt or completion is text, or a list of messages (given as JSON text in CSV cells). Text
+    that merely looks like JSON, such as a structured-output completion, stays text."""
+    parsed = _maybe_json(value)
+    if isinstance(parsed, list) and parsed and all(isinstance(m, dict) and "role" in m for m in parsed):
+        return parsed
+    return value
+
+
+def _prompt_completion_messages(ctx: _Row) -> tuple[list[dict], int]:
+    """The row's messages, and how many of them are the prompt (context only: as in TRL, a
+    prompt-completion row trains its completion, never an example answer inside its prompt)."""
     data = ctx.row.data
     out: list[dict] = []
+    prompt_length = 0
     for name, role in (("prompt", "user"), ("completion", "assistant")):
-        value = _maybe_json(data.get(name))
+        prompt_length = len(out)
+        value = _maybe_message_list(data.get(name))
         if isinstance(value, str):
             out.append({"role": role, "content": value, "_path": name})
         elif isinstance(value, list):
@@ -192,7 +206,7 @@ def _prompt_completion_messages(ctx: _Row) -> list[dict]:
                 name,
                 "invalid_field",
             )
-    return out
+    return out, prompt_length
 
 
 def _mt_column_messages(ctx: _Row) -> list[dict]:
@@ -239,6 +253,15 @@ def _tools(ctx: _Row, raw: Any) -> tuple[dict, ...]:
                 f"tools[{i}]",
                 "invalid_tools",
             )
+        path = f"tools[{i}].function" if function is not tool else f"tools[{i}]"
+        for key, kind in (("description", str), ("parameters", dict)):
+            if key in function and not isinstance(function[key], kind):
+                raise ctx.error(
+                    f"expected {'a string' if kind is str else 'a JSON schema object'}, "
+                    f"found {type(function[key]).__name__}",
+                    f"{path}.{key}",
+                    "invalid_tools",
+                )
         tools.append({"type": "function", "function": function})
     return tuple(tools)
 
@@ -329,13 +352,18 @@ def _tool_message(ctx: _Row, message: dict, path: str, last_call: str | None) ->
     return Message("tool", content, tool_name=name)
 
 
-def _conversation(ctx: _Row, raw_messages: list, tools: tuple[dict, ...], index: int) -> Conversation:
+def _conversation(
+    ctx: _Row, raw_messages: list, tools: tuple[dict, ...], index: int, context: int = 0
+) -> Conversation:
+    """`context`: how many leading raw messages are context only."""
     if not raw_messages:
         raise ctx.error("the conversation is empty", "messages", "empty_conversation")
     messages: list[Message] = []
-    dropped = 0
+    dropped = context_messages = 0
     last_call: str | None = None
     for i, raw in enumerate(raw_messages):
+        if i == context:
+            context_messages = len(messages)
         path = raw.get("_path", f"messages[{i}]") if isinstance(raw, dict) else f"messages[{i}]"
         if not isinstance(raw, dict):
             raise ctx.error(f"expected an object, found {type(raw).__name__}", path, "invalid_field")
@@ -358,8 +386,10 @@ def _conversation(ctx: _Row, raw_messages: list, tools: tuple[dict, ...], index:
             messages.extend(new)
         else:
             messages.append(_tool_message(ctx, raw, path, last_call))
+    if context >= len(raw_messages):
+        context_messages = len(messages)
     if not any(m.role == "assistant" for m in messages):
         raise ctx.error(
             "the conversation has no assistant message, so nothing to train on", "messages", "no_assistant"
         )
-    return Conversation(tuple(messages), tools, index, f"{ctx.row.file}, {ctx.row.row}", dropped)
+    return Conversation(tuple(messages), tools, index, ctx.row.file, ctx.row.row, dropped, context_messages)

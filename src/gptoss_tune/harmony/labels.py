@@ -39,15 +39,16 @@ def completion_span(block: list[RenderedMessage]) -> tuple[int, int]:
     return block[0].start + CUE_LENGTH, block[-1].end
 
 
-def trained_spans(rendered: Rendered, policy: str) -> list[tuple[int, int]]:
+def trained_spans(rendered: Rendered, policy: str, context_blocks: int = 0) -> list[tuple[int, int]]:
     """Half-open [start, end) ranges of trained positions. `turns` is handled by the caller (one
-    example per block) and labels each example as `last`."""
+    example per block) and labels each example as `last`. `context_blocks`: how many leading
+    assistant blocks are context only (a prompt-completion row's prompt), which `assistant` skips."""
     if policy == "all":
         return [(0, len(rendered.ids))]
+    blocks = assistant_blocks(rendered)[context_blocks:]
     if policy == "final":
-        finals = [m for m in rendered.messages if m.role == "assistant" and m.channel == "final"]
+        finals = [m for block in blocks for m in block if m.channel == "final"]
         return [(finals[-1].content_start, finals[-1].end)] if finals else []
-    blocks = assistant_blocks(rendered)
     if not blocks:
         return []
     if policy in ("last", "turns"):
@@ -57,8 +58,8 @@ def trained_spans(rendered: Rendered, policy: str) -> list[tuple[int, int]]:
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def make_labels(rendered: Rendered, policy: str) -> list[int]:
+def make_labels(rendered: Rendered, policy: str, context_blocks: int = 0) -> list[int]:
     labels = [T.IGNORE_INDEX] * len(rendered.ids)
-    for start, end in trained_spans(rendered, policy):
+    for start, end in trained_spans(rendered, policy, context_blocks):
         labels[start:end] = rendered.ids[start:end]
     return labels

@@ -6,7 +6,9 @@ Two templates:
 - `harmony`: what openai-harmony's `render_conversation_for_training` produces (it is called
   directly), with `auto_drop_analysis=False` and our own choice of which thinking to keep.
 
-Both keep thinking exactly where it is visible at inference time (see `keeps_thinking`).
+Both keep an earlier turn's thinking out, as inference does. Within a turn that calls tools they
+differ (see `keeps_thinking`): `hf` renders what the official template renders, `harmony` what
+inference shows the model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import date
 from importlib import resources
 
 from gptoss_tune.data.conversation import Conversation, Message
-from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.errors import DataError, GptossTuneError
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.harmony.vocab import harmony_encoding
 
@@ -42,9 +44,11 @@ class RenderOptions:
                 f"Unknown reasoning effort '{self.reasoning_effort}': use one of {', '.join(REASONING_EFFORTS)}."
             )
         try:
-            date.fromisoformat(self.date)
+            valid = date.fromisoformat(self.date).isoformat() == self.date
         except ValueError:
-            raise GptossTuneError(f"Invalid date '{self.date}': use YYYY-MM-DD.") from None
+            valid = False
+        if not valid:  # fromisoformat also takes 20250805 and week dates
+            raise GptossTuneError(f"Invalid date '{self.date}': use YYYY-MM-DD.")
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,18 @@ class Rendered:
     messages: list[RenderedMessage]
 
 
-def keeps_thinking(conversation: Conversation) -> list[bool]:
-    """Whose thinking is rendered: what the model would still see at inference time.
+def keeps_thinking(conversation: Conversation, template: str = "hf") -> list[bool]:
+    """Whose thinking is rendered.
 
     A final answer's thinking only when it is the example's last message (earlier turns' thinking is
-    dropped); a tool call's thinking while no final answer follows it (the turn is still going on).
-    This is the official chat template's rule, applied to both templates.
+    dropped, as at inference). A tool call's thinking while no final answer follows it: the turn is
+    still going on. The two templates differ on the final answer that ends the example:
+    - `hf`: it counts as a following final answer, so the calls before it in its turn lose their
+      thinking. This is what the official chat template renders for a whole conversation.
+    - `harmony`: it does not count. The model writes that answer with its turn's earlier thinking in
+      view: harmony keeps a turn's analysis until its final message, and serving stacks send it back
+      after a tool result (the official template too, rendering the prompt with
+      add_generation_prompt).
     """
     messages = conversation.messages
     later_final = False
@@ -76,11 +86,12 @@ def keeps_thinking(conversation: Conversation) -> list[bool]:
         message = messages[i]
         if message.role != "assistant":
             continue
+        last = i == len(messages) - 1
         if message.tool_call is not None:
             keep[i] = not later_final
         else:
-            keep[i] = i == len(messages) - 1
-            later_final = True
+            keep[i] = last
+            later_final = later_final or not (last and template == "harmony")
     return keep
 
 
@@ -126,7 +137,18 @@ def _official_template_module():
 
 def tools_namespace_text(tools: tuple[dict, ...]) -> str:
     """The `## functions` namespace exactly as the official template writes it (its own macro)."""
-    return str(_official_template_module().render_tool_namespace("functions", [dict(t) for t in tools]))
+    import jinja2
+
+    try:
+        return str(_official_template_module().render_tool_namespace("functions", [dict(t) for t in tools]))
+    except (jinja2.TemplateError, TypeError) as exc:  # what the macro raises on a schema it cannot write
+        raise DataError(
+            f"the official chat template cannot write these tool schemas ({type(exc).__name__}: {exc}). "
+            "Give every function a string 'description' and its parameters as a JSON schema, "
+            "or use --template harmony.",
+            field="tools",
+            reason="invalid_tools",
+        ) from None
 
 
 def developer_text(instructions: str, tools: tuple[dict, ...]) -> str:
@@ -164,7 +186,7 @@ class _IdsBuilder:
         self.messages.append(RenderedMessage(role, channel, start, content_start, len(self.ids)))
 
 
-def _split_instructions(conversation: Conversation) -> tuple[str, tuple, list[bool]]:
+def _split_instructions(conversation: Conversation, template: str) -> tuple[str, tuple, list[bool]]:
     """(instructions from a leading system/developer message, the messages after it, whether each
     of those keeps its thinking): what both renderers start from."""
     messages = tuple(conversation.messages)
@@ -172,13 +194,13 @@ def _split_instructions(conversation: Conversation) -> tuple[str, tuple, list[bo
     if messages and messages[0].role in ("system", "developer"):
         instructions, messages = messages[0].content, messages[1:]
     offset = len(conversation.messages) - len(messages)
-    return instructions, messages, keeps_thinking(conversation)[offset:]
+    return instructions, messages, keeps_thinking(conversation, template)[offset:]
 
 
 def _render_hf(conversation: Conversation, options: RenderOptions) -> Rendered:
     out = _IdsBuilder()
     out.message("system", "system", None, "", system_text(options, bool(conversation.tools)), T.END)
-    instructions, messages, keep = _split_instructions(conversation)
+    instructions, messages, keep = _split_instructions(conversation, "hf")
     if instructions or conversation.tools:
         out.message(
             "developer", "developer", None, "", developer_text(instructions, conversation.tools), T.END
@@ -231,7 +253,7 @@ def _harmony_messages(conversation: Conversation, options: RenderOptions) -> lis
     )
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
-    instructions, messages, keep = _split_instructions(conversation)
+    instructions, messages, keep = _split_instructions(conversation, "harmony")
     if instructions or conversation.tools:
         developer = oh.DeveloperContent.new()
         if instructions:

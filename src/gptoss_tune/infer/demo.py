@@ -24,7 +24,7 @@ from rich.text import Text
 
 from gptoss_tune.data.synthetic import write_jsonl
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.files import write_json
+from gptoss_tune.files import holds_files, write_json
 from gptoss_tune.harmony.render import RenderOptions
 from gptoss_tune.infer.generate import Completion, HfGenerator, SamplingOptions
 from gptoss_tune.infer.prompt import ChatHistory, generation_prompt
@@ -104,7 +104,7 @@ def prepare_demo_folder(settings: DemoSettings) -> Path:
     """An empty output folder marked as a demo's (so that even an interrupted demo can be replaced);
     a previous demo's is replaced only with --overwrite, anything else never."""
     output = settings.output
-    if output.exists() and any(output.iterdir()):
+    if holds_files(output):
         if not (output / DEMO_RECORD).is_file():
             raise GptossTuneError(f"{output} exists and is not a demo folder: choose another --output.")
         if not settings.overwrite:

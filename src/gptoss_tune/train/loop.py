@@ -24,6 +24,7 @@ from gptoss_tune.config import TrainConfig
 from gptoss_tune.data.pack import collate
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import holds_files
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import RecomputePlan, enable_fast_paths, plan_activation_checkpointing
 from gptoss_tune.kernels.memory import GIB, auto_budget_bytes
@@ -177,7 +178,7 @@ def prepare_output(config: TrainConfig, info: dist.DistInfo) -> Path:
     if info.is_main:
         if config.resume:
             check_resume_compatible(config, output)
-        elif output.exists() and any(output.iterdir()):
+        elif holds_files(output):
             raise GptossTuneError(
                 f"{output} already holds a run: pass --resume to continue it, or choose another --output."
             )
