@@ -196,6 +196,24 @@ def test_recipe_and_command_line_overrides(tmp_path):
         resolve_config(recipe, {})
 
 
+def test_train_command_takes_the_recipe_and_typed_options_override_it(monkeypatch, tmp_path):
+    """Through the real command line: recipe values apply, only options typed on it override them."""
+    from typer.testing import CliRunner
+
+    from gptoss_tune.cli import app
+    from gptoss_tune.train import run
+
+    started = []
+    monkeypatch.setattr(run, "run_training", lambda config, console: started.append(config))
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml"
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "--lr", "0.5", "--output", "x"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert (config.model, config.data, config.device) == ("runs/tiny", "sample", "cpu")
+    assert (config.lora_rank, config.lora_alpha, config.epochs, config.warmup_ratio) == (16, 32, 3, 0.05)
+    assert (config.lr, config.output) == (0.5, "x")
+
+
 def train_one_and_two_processes(
     model, data, tmp_path, sharding: str, kernels: str = "auto"
 ) -> tuple[list, list]:

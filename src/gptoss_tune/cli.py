@@ -228,14 +228,14 @@ def init_model(
 
 
 def _given_on_command_line(ctx: typer.Context, names: list[str]) -> dict:
-    """Options the user typed (not defaults), so they override the recipe."""
-    from click.core import ParameterSource
-
-    return {
-        name: ctx.params[name]
-        for name in names
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
-    }
+    """Options the user typed (not defaults), so they override the recipe. Compared by name: newer
+    typer releases carry their own copy of click, whose ParameterSource is another enum than click's."""
+    given = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            given[name] = ctx.params[name]
+    return given
 
 
 @app.command()
