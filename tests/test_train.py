@@ -196,6 +196,98 @@ def test_recipe_and_command_line_overrides(tmp_path):
         resolve_config(recipe, {})
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"lr": -1.0}, "--lr must not be negative"),
+        ({"max_grad_norm": -1.0}, "--max-grad-norm must not be negative"),
+        ({"save_every": -1}, "--save-every must not be negative"),
+        ({"min_lr_ratio": 5.0}, "--min-lr-ratio must be in"),
+        ({"lora_dropout": 1.0}, "--lora-dropout must be in"),
+        ({"lora_alpha": 0.0}, "--lora-alpha must be positive"),
+        ({"lora_targets": "attn,mlp"}, "Unknown LoRA target 'mlp'"),
+        ({"lora_layers": "3-1"}, "the end is before the start"),
+        ({"loss_on": "everything"}, "Unknown --loss-on"),
+        ({"template": "chatml"}, "Unknown template"),
+        ({"device": "tpu"}, "Unknown --device"),
+        ({"dtype": "fp16"}, "Unknown --dtype"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(override, message):
+    with pytest.raises(GptossTuneError, match=message):
+        resolve_config(None, {"model": "m", "data": "d", "output": "o"} | override)
+
+
+def test_recipe_values_are_read_as_their_options_types(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: m\ndata: d\noutput: o\nlr: 3e-3\ndate: 2025-01-02\nlora_layers: 4\nepochs: 2.0\n"
+    )
+    resolved = resolve_config(recipe, {})
+    assert (resolved.lr, resolved.date, resolved.lora_layers, resolved.epochs) == (
+        0.003,
+        "2025-01-02",
+        "4",
+        2,
+    )
+    for line, message in (
+        ('lora_rank: "8"', "'lora_rank' takes a whole number, got '8'"),
+        ("epochs: 1.5", "'epochs' takes a whole number"),
+        ("lr: fast", "'lr' takes a number"),
+        ("rslora: 1", "'rslora' takes true or false"),
+        ("1: 2", "option names are words"),
+    ):
+        recipe.write_text(f"model: m\n{line}\n")
+        with pytest.raises(GptossTuneError, match=message):
+            resolve_config(recipe, {})
+
+
+def test_a_new_run_that_fails_before_its_first_step_leaves_no_output(tiny_model_dir, short_chats, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(GptossTuneError):
+        train(config(tmp_path / "no-model", short_chats, out, max_steps=1), log=lambda _: None)
+    assert not out.exists()
+    out.mkdir()  # an empty folder the user made stays, empty
+    with pytest.raises(GptossTuneError):
+        train(config(tmp_path / "no-model", short_chats, out, max_steps=1), log=lambda _: None)
+    assert out.is_dir() and not any(out.iterdir())
+    # the corrected command starts afresh, without --resume
+    train(config(tiny_model_dir, short_chats, out, max_steps=1), log=lambda _: None)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_max_grad_norm_zero_means_no_clipping(tiny_model_dir, short_chats, tmp_path):
+    runs = {}
+    for name, norm in (("unclipped", 0.0), ("huge", 1e30), ("clipped", 1e-4)):
+        train(
+            config(tiny_model_dir, short_chats, tmp_path / name, max_steps=1, max_grad_norm=norm),
+            log=lambda _: None,
+        )
+        runs[name] = adapter_tensors(tmp_path / name)
+    for key, tensor in runs["unclipped"].items():
+        torch.testing.assert_close(tensor, runs["huge"][key], rtol=0, atol=0)
+    assert any(not torch.equal(t, runs["clipped"][k]) for k, t in runs["unclipped"].items())
+
+
+def test_the_adapter_says_how_its_training_data_was_rendered(tiny_model_dir, tmp_path):
+    """chat, eval and merge find the data's template, date and effort from the adapter alone, even when
+    the run named its data by a relative path or the adapter was copied elsewhere."""
+    import shutil
+
+    from gptoss_tune.data.prepare import PrepareOptions, prepare
+    from gptoss_tune.infer.provenance import training_render_settings
+
+    options = PrepareOptions(template="harmony", date="2024-01-02", reasoning_effort="high")
+    prepare("sample", tmp_path / "prepared", options)
+    train(config(tiny_model_dir, tmp_path / "prepared", tmp_path / "run", max_steps=1), log=lambda _: None)
+    copied = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(tmp_path / "run" / "adapter", copied)
+    shutil.rmtree(tmp_path / "prepared")
+    expected = {"template": "harmony", "date": "2024-01-02", "reasoning_effort": "high"}
+    assert training_render_settings(copied) == expected
+    assert training_render_settings(tmp_path / "run" / "checkpoints" / "step-1" / "adapter") == expected
+
+
 def test_train_command_takes_the_recipe_and_typed_options_override_it(monkeypatch, tmp_path):
     """Through the real command line: recipe values apply, only options typed on it override them."""
     from typer.testing import CliRunner

@@ -10,7 +10,7 @@ from pathlib import Path
 from gptoss_tune.bench.run import bench_config
 from gptoss_tune.bench.scaling import write_bench_checkpoint
 write_bench_checkpoint(bench_config('20b', 2), Path('/tmp/m2'), 0)" || exit 1
-python3 -m gptoss_tune make-data --rows 2000 --seed 1 -o /tmp/d.jsonl > /dev/null || exit 1
+python3 -m gptoss_tune make-data --rows 2000 --seed 1 -o /tmp/d.jsonl --overwrite > /dev/null || exit 1
 gpu=${FIRST_GPU:-0}  # this GPU and the next
 for kernels in fast eager; do
   CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" python3 -m gptoss_tune train --model /tmp/m2 --data /tmp/d.jsonl \

@@ -99,7 +99,10 @@ def prepare(
     split: Annotated[
         str | None, typer.Option(help="Split of a hub dataset or DatasetDict folder", show_default="train")
     ] = None,
-    subset: Annotated[str | None, typer.Option(help="Configuration (subset) of a hub dataset.")] = None,
+    subset: Annotated[
+        str | None,
+        typer.Option(help="Configuration (subset) of a hub dataset.", show_default="the dataset's default"),
+    ] = None,
     max_length: Annotated[
         int | None, typer.Option(help="Drop examples longer than this many tokens", show_default="no limit")
     ] = None,
@@ -168,12 +171,17 @@ def make_data(
     like: Annotated[
         str, typer.Option(help="Which dataset's shape and token-length distribution to imitate.")
     ] = "multilingual-thinking",
-    rows: Annotated[int, typer.Option(help="Number of rows.")] = 1000,
+    rows: Annotated[int, typer.Option(help="Number of rows.", min=1)] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same rows).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Write synthetic rows shaped like a real dataset (for benchmarks; random words, realistic lengths)."""
     from gptoss_tune.data.synthetic import make_synthetic_rows, write_jsonl
 
+    if output.is_dir():
+        raise GptossTuneError(f"{output} is a folder: --output names the JSON lines file to write.")
+    if output.exists() and not overwrite:
+        raise GptossTuneError(f"{output} already exists: pass --overwrite or choose another --output.")
     path = write_jsonl(make_synthetic_rows(like=like, rows=rows, seed=seed), output)
     console.print(f"[bold]wrote[/bold] {path}: {rows} rows like {like} (seed {seed})")
 
@@ -226,6 +234,8 @@ def init_model(
 
 # --- train ---------------------------------------------------------------------------------------
 
+REQUIRED = "required, here or in the recipe"
+
 
 def _given_on_command_line(ctx: typer.Context, names: list[str]) -> dict:
     """Options the user typed (not defaults), so they override the recipe. Compared by name: newer
@@ -242,20 +252,33 @@ def _given_on_command_line(ctx: typer.Context, names: list[str]) -> dict:
 def train(
     ctx: typer.Context,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML recipe; options given here override it.")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="YAML recipe; options given here override it.", show_default="none"
+        ),
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Base model: local checkpoint folder or hub id (openai/gpt-oss-20b).")
+        str,
+        typer.Option(
+            help="Base model: local checkpoint folder or hub id (openai/gpt-oss-20b).", show_default=REQUIRED
+        ),
     ] = "",
     data: Annotated[
         str,
         typer.Option(
             help="Prepared folder, or anything `prepare` accepts (prepared into "
-            "OUTPUT/data with the options below)."
+            "OUTPUT/data with the options below).",
+            show_default=REQUIRED,
         ),
     ] = "",
     output: Annotated[
-        str, typer.Option("--output", "-o", help="Run folder: adapter/, checkpoints/, metrics, loss.png.")
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Run folder: adapter/, checkpoints/, metrics, loss.png.",
+            show_default=REQUIRED,
+        ),
     ] = "",
     eval_data: Annotated[
         str | None, typer.Option(help="Held-out data for eval loss", show_default="none")
@@ -279,7 +302,9 @@ def train(
         int | None, typer.Option(help="Drop longer examples when preparing", show_default="no limit")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Split of a hub dataset", show_default="train")] = None,
-    subset: Annotated[str | None, typer.Option(help="Subset of a hub dataset.")] = None,
+    subset: Annotated[
+        str | None, typer.Option(help="Subset of a hub dataset.", show_default="the dataset's default")
+    ] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lora_alpha: Annotated[
         float, typer.Option(help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")
@@ -308,7 +333,9 @@ def train(
     warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up linearly.")] = 0.03,
     min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a share of --lr.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on the adapters.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the gradient norm to this (0: no clipping).")
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for adapters, data order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32.")] = "auto",
@@ -432,7 +459,8 @@ def bench(
     long_context: Annotated[
         str | None,
         typer.Option(
-            help="Instead of the throughput table, one sequence of each length: '8192,16384,131072'."
+            help="Instead of the throughput table, one sequence of each length: '8192,16384,131072'.",
+            show_default="none: the throughput table",
         ),
     ] = None,
     memory_budget_gib: Annotated[
@@ -626,7 +654,7 @@ def merge(
             "bf16: the base's size); fp32."
         ),
     ] = "bf16",
-    max_shard_gb: Annotated[float, typer.Option(help="Largest safetensors shard, in GB.")] = 5.0,
+    max_shard_gb: Annotated[float, typer.Option(help="Largest safetensors shard, in GB.", min=0.001)] = 5.0,
     device: Annotated[
         str, typer.Option(help="Where the expert arithmetic runs: auto (GPU if present), cpu, cuda.")
     ] = "auto",
@@ -682,7 +710,9 @@ def _render_options(model: str, adapter: Path | None, template, date, reasoning_
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
-    adapter: Annotated[Path | None, typer.Option(help=ADAPTER_HELP)] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help=ADAPTER_HELP, show_default="none: MODEL as it is")
+    ] = None,
     prompt: Annotated[
         str | None,
         typer.Option(help="Answer this one prompt and exit", show_default="an interactive session"),
@@ -742,12 +772,21 @@ def _write_json_report(path: Path, report: dict) -> None:
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
-    adapter: Annotated[Path | None, typer.Option(help=ADAPTER_HELP + "; scores base and adapter")] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help=ADAPTER_HELP + "; scores base and adapter", show_default="none: MODEL alone"),
+    ] = None,
     data: Annotated[
-        str | None, typer.Option(help="Loss mode: a prepared folder or anything `prepare` accepts.")
+        str | None,
+        typer.Option(help="Loss mode: a prepared folder or anything `prepare` accepts.", show_default="none"),
     ] = None,
     reasoning_language: Annotated[
-        bool, typer.Option("--reasoning-language", help="Reasoning-language adherence mode (see --prompts).")
+        bool,
+        typer.Option(
+            "--reasoning-language",
+            help="Reasoning-language adherence mode (see --prompts).",
+            show_default="off",
+        ),
     ] = False,
     prompts: Annotated[
         str,

@@ -7,6 +7,7 @@ with dashes (`--tokens-per-batch 16384`). The resolved options are saved beside 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,41 @@ class TrainConfig:
             raise GptossTuneError("--eval-fraction must be in [0, 1).")
         if not 0 <= self.warmup_ratio < 1:
             raise GptossTuneError("--warmup-ratio must be in [0, 1).")
+        self._validate_numbers()
+        self._validate_choices_checked_later()
         return self
+
+    def _validate_numbers(self) -> None:
+        if not self.lr >= 0:
+            raise GptossTuneError(f"--lr must not be negative, got {self.lr}.")
+        if not self.lora_alpha > 0:
+            raise GptossTuneError(f"--lora-alpha must be positive, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise GptossTuneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise GptossTuneError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        for name in ("max_grad_norm", "weight_decay", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise GptossTuneError(f"--{name.replace('_', '-')} must not be negative.")
+
+    def _validate_choices_checked_later(self) -> None:
+        """What the run would only find after it made its output folder: checked before it."""
+        from gptoss_tune.data.prepare import PrepareOptions
+        from gptoss_tune.devices import DTYPES, pick_device
+        from gptoss_tune.model.lora import LoraOptions
+
+        PrepareOptions(
+            template=self.template,
+            date=self.date,
+            reasoning_effort=self.reasoning_effort,
+            loss_on=self.loss_on,
+            format=self.format,
+            max_length=self.max_length,
+        )
+        LoraOptions.from_strings(targets=self.lora_targets, layers=self.lora_layers).target_names()
+        pick_device(self.device)
+        if self.dtype not in DTYPES:
+            raise GptossTuneError(f"Unknown --dtype '{self.dtype}': use auto, bf16 or fp32.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,15 +171,45 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise GptossTuneError(f"{path}: cannot read the recipe ({exc}).") from None
-    if not isinstance(values, dict):
-        raise GptossTuneError(f"{path}: a recipe is a mapping of option: value.")
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise GptossTuneError(f"{path}: a recipe is a mapping of option: value (option names are words).")
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - set(option_names()))
     if unknown:
         raise GptossTuneError(
             f"{path}: unknown option(s) {', '.join(unknown)}. Known: {', '.join(option_names())}."
         )
-    return values
+    declared = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    return {name: _recipe_value(path, name, value, declared[name]) for name, value in values.items()}
+
+
+def _recipe_value(path: Path, name: str, value: Any, declared: str) -> Any:
+    """A recipe value as the option's type, the way the command line would have read it. YAML reads
+    `3e-3` as text and a date as a date; a quoted number for a count is a mistake worth naming."""
+    kinds = [kind.strip() for kind in declared.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "float" in kinds and "str" in kinds:  # memory_budget_gib: validate() reads it
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "int" in kinds and number and float(value).is_integer():
+        return int(value)
+    if "float" in kinds and number:
+        return float(value)
+    if "float" in kinds and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if "str" in kinds and isinstance(value, str):
+        return value
+    if "str" in kinds and (number or isinstance(value, datetime.date)):
+        return value.isoformat() if isinstance(value, datetime.date) else str(value)
+    wanted = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+    expected = " or ".join(wanted.get(kind, "null") for kind in kinds)
+    raise GptossTuneError(f"{path}: '{name}' takes {expected}, got {value!r}.")
 
 
 def parse_memory_budget(value: float | str | None) -> float | str | None:

@@ -26,6 +26,7 @@ from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, render
 from gptoss_tune.harmony.vocab import VOCAB_SHA256
 
 PREPARE_INFO = "prepare.json"
+RENDER_KEYS = ("template", "date", "reasoning_effort")  # the options a chat prompt must share with the data
 HISTOGRAM_EDGES = (0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -274,3 +275,9 @@ def read_prepare_info(directory: str | Path) -> dict:
             f"{directory}: not a prepared dataset (no {PREPARE_INFO}); run `gptoss-tune prepare`."
         )
     return json.loads(path.read_text())
+
+
+def prepared_render_settings(directory: str | Path) -> dict[str, str]:
+    """How a prepared dataset was rendered: {template, date, reasoning_effort}."""
+    options = read_prepare_info(directory)["options"]
+    return {key: options[key] for key in RENDER_KEYS}

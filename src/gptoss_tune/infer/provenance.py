@@ -1,8 +1,9 @@
 """How the data a model was fine-tuned on was rendered (template, date, reasoning effort), so that chat
 and eval prompt it the same way by default.
 
-Found next to an adapter (the training run folder holds config.yaml and, when train prepared the
-data, data/prepare.json) or in a merged checkpoint's gptoss_tune_merge.json.
+Found in an adapter's own record (gptoss_tune_adapter.json, written by train), else next to it (the
+training run folder holds config.yaml and, when train prepared the data, data/prepare.json), or in a
+merged checkpoint's gptoss_tune_merge.json.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from gptoss_tune.data.prepare import PREPARE_INFO
+from gptoss_tune.data.prepare import PREPARE_INFO, RENDER_KEYS
+from gptoss_tune.model.lora import ADAPTER_RECORD
 
-RENDER_KEYS = ("template", "date", "reasoning_effort")
 RUN_CONFIG = "config.yaml"
 MERGE_RECORD = "gptoss_tune_merge.json"
 _RUN_SEARCH_DEPTH = 3  # RUN/checkpoints/step-N[/adapter]
@@ -53,8 +54,8 @@ def training_render_settings(adapter_or_model: str | Path | None) -> dict[str, s
     if adapter_or_model is None:
         return None
     path = Path(adapter_or_model)
-    record = path / MERGE_RECORD
-    if record.is_file():
-        return json.loads(record.read_text()).get("render")
+    for record in (path / MERGE_RECORD, path / ADAPTER_RECORD):
+        if record.is_file():
+            return _render_fields(json.loads(record.read_text()).get("render") or {})
     run = _run_folder_of(Path(os.path.abspath(path)))  # not resolve(): a linked adapter is where it is linked
     return _from_run_folder(run) if run is not None else None

@@ -41,6 +41,7 @@ TARGET_GROUPS = {"attn": ATTENTION_TARGETS, "experts": EXPERT_TARGETS}
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_RECORD = "gptoss_tune_adapter.json"  # ours, beside PEFT's files: how the training data was rendered
 PEFT_PREFIX = "base_model.model."
 
 Site = tuple[int, str]  # (layer index, target name)
@@ -404,8 +405,10 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     state: dict[str, Tensor] | None = None,
+    record: dict | None = None,
 ) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's format, atomically.
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's format, atomically, and
+    `record` (what the adapter was trained on) as ADAPTER_RECORD, which PEFT ignores.
 
     `state` is `lora_state_dict_peft(model)` when the caller already gathered it (FSDP: every rank
     gathers, one writes)."""
@@ -418,6 +421,8 @@ def save_adapter(
             {k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"}
         )
         write_json(directory / ADAPTER_CONFIG, adapter_config(options, sites, base_model_name_or_path))
+        if record is not None:
+            write_json(directory / ADAPTER_RECORD, record)
     return Path(out_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from torch import nn
 
 from gptoss_tune.config import TrainConfig
 from gptoss_tune.data.pack import collate
+from gptoss_tune.data.prepare import prepared_render_settings
 from gptoss_tune.devices import pick_device, pick_dtype
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.files import holds_files
@@ -122,6 +124,7 @@ class Run:
     options: LoraOptions
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    render: dict[str, str]  # template, date, reasoning_effort of the prepared training data
 
     @property
     def sharded(self) -> bool:
@@ -188,18 +191,21 @@ def prepare_output(config: TrainConfig, info: dist.DistInfo) -> Path:
     return output
 
 
-def load_data(config: TrainConfig, output: Path, info: dist.DistInfo) -> tuple[Schedule, list]:
+def load_data(config: TrainConfig, output: Path, info: dist.DistInfo) -> tuple[Schedule, list, dict]:
+    """The step schedule, the held-out batches, and how the training data was rendered."""
     if info.is_main:  # one process prepares; the others read what it wrote
         ensure_prepared(config.data, output / "data", config)
         if config.eval_data:
             ensure_prepared(config.eval_data, output / "eval_data", config)
     dist.barrier(info)
-    examples, sources = load_examples(ensure_prepared(config.data, output / "data", config))
+    prepared = ensure_prepared(config.data, output / "data", config)
+    examples, sources = load_examples(prepared)
     train_examples, held_out = split_eval(examples, sources, config.eval_fraction, config.seed)
     if config.eval_data:
         held_out = load_examples(ensure_prepared(config.eval_data, output / "eval_data", config))[0]
     schedule = make_schedule(train_examples, config, info.world_size)
-    return schedule, eval_batches(held_out, config.tokens_per_batch) if held_out else []
+    held_out_batches = eval_batches(held_out, config.tokens_per_batch) if held_out else []
+    return schedule, held_out_batches, prepared_render_settings(prepared)
 
 
 def build_model(
@@ -254,7 +260,7 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
     dtype = pick_dtype(config.dtype, device)
     seed_everything(config.seed)
     output = prepare_output(config, info)
-    schedule, eval_set = load_data(config, output, info)
+    schedule, eval_set, render = load_data(config, output, info)
     options = lora_options(config)
     model, module, params = build_model(config, options, dtype, device, info)
     if info.is_main:
@@ -283,6 +289,7 @@ def setup(config: TrainConfig, info: dist.DistInfo, log: Callable[[str], None]) 
         options,
         optimizer,
         scheduler,
+        render,
     )
 
 
@@ -299,6 +306,7 @@ def adapter_writer(run: Run) -> Callable[[Path], None]:
             base_model_name_or_path=run.config.model,
             overwrite=True,
             state=state,
+            record={"render": run.render, "model": run.config.model, "data": run.config.data},
         )
 
     return write
@@ -387,9 +395,8 @@ def train_step(run: Run, step: int) -> dict:
             f"{latest_checkpoint(run.output) or 'none'}. Lower --lr, check the data, or use --dtype fp32 to find "
             "the cause."
         )
-    grad_norm = float(
-        full_tensor(torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.config.max_grad_norm))
-    )
+    max_norm = run.config.max_grad_norm or math.inf  # 0: no clipping (the norm is still measured)
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(list(run.params.values()), max_norm)))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -425,10 +432,28 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress=None
         dist.shutdown(info)
 
 
+def _set_up_or_clean_up(config: TrainConfig, info: dist.DistInfo, log) -> tuple[Run, int]:
+    """The run set up and its first step; a new run that fails before it (a missing model, a bad data
+    row) leaves no output behind, so the corrected command starts afresh instead of asking for --resume."""
+    output = Path(config.output)
+    new_run = info.is_main and not config.resume and not holds_files(output)
+    existed = output.exists()
+    try:
+        run = setup(config, info, log)
+        return run, resume(run, log)
+    except BaseException:
+        if new_run and output.is_dir():
+            for path in list(output.iterdir()) if existed else [output]:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
 def _train(config: TrainConfig, info: dist.DistInfo, log, progress) -> TrainResult:
     started = time.perf_counter()
-    run = setup(config, info, log)
-    start_step = resume(run, log)
+    run, start_step = _set_up_or_clean_up(config, info, log)
     initial = {name: full_tensor(p.detach()).cpu().clone() for name, p in run.params.items()}
     if start_step:  # compare against a fresh adapter: B starts at zero
         initial = {name: torch.zeros_like(t) if "lora_B" in name else t for name, t in initial.items()}
