@@ -211,6 +211,7 @@ def test_recipe_and_command_line_overrides(tmp_path):
         ({"template": "chatml"}, "Unknown template"),
         ({"device": "tpu"}, "Unknown --device"),
         ({"dtype": "fp16"}, "Unknown --dtype"),
+        ({"eval_fraction": 0.1, "eval_data": "held-out"}, "give one of them"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(override, message):

@@ -330,8 +330,16 @@ def train(
     schedule: Annotated[
         str, typer.Option(help="Learning-rate schedule after warmup: cosine, linear, constant.")
     ] = "cosine",
-    warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up linearly.")] = 0.03,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate as a share of --lr.")] = 0.0,
+    warmup_ratio: Annotated[
+        float, typer.Option(help="Share of the steps spent warming up linearly (step 1 already above 0).")
+    ] = 0.03,
+    min_lr_ratio: Annotated[
+        float,
+        typer.Option(
+            help="Where the decay ends, as a share of --lr: reached just after the last step, as in "
+            "transformers' schedules (so a short run ends a little above it)."
+        ),
+    ] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on the adapters.")] = 0.0,
     max_grad_norm: Annotated[
         float, typer.Option(help="Clip the gradient norm to this (0: no clipping).")

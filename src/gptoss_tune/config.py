@@ -116,6 +116,12 @@ class TrainConfig:
             raise GptossTuneError("--max-steps must be at least 1.")
         if not 0 <= self.eval_fraction < 1:
             raise GptossTuneError("--eval-fraction must be in [0, 1).")
+        if self.eval_fraction and self.eval_data:
+            raise GptossTuneError(
+                "--eval-fraction and --eval-data both choose the held-out data: give one of them, e.g. "
+                "--eval-fraction 0 over a recipe's fraction (with both, the fraction would be neither "
+                "trained on nor evaluated)."
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise GptossTuneError("--warmup-ratio must be in [0, 1).")
         self._validate_numbers()
