@@ -58,6 +58,26 @@ def test_directory_has_the_published_file_set(tiny_dir: Path) -> None:
     assert read_config(tiny_dir).to_dict()["layer_types"] == preset_config("tiny").layer_types
 
 
+def test_config_json_is_in_the_published_layout(tiny_dir: Path) -> None:
+    """rope_scaling + rope_theta, as in openai/gpt-oss-20b's config.json: transformers 4.55 and 4.56 do
+    not read transformers 5's rope_parameters and would silently use other YaRN settings."""
+    written = json.loads((tiny_dir / "config.json").read_text())
+    assert "rope_parameters" not in written
+    assert written["rope_theta"] == 150000
+    assert written["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+    }
+    assert written["torch_dtype"] == written["dtype"] == "bfloat16"
+    assert not {"id2label", "return_dict", "bos_token_id", "problem_type"} & set(written)
+    # transformers 5 reads it back as the preset it was written from
+    assert read_config(tiny_dir).rope_parameters == preset_config("tiny").rope_parameters
+
+
 def test_tokenizer_encodes_like_openai_harmony(tokenizer) -> None:
     encoding = harmony_encoding()
     for text in TEXTS:

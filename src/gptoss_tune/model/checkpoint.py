@@ -31,7 +31,7 @@ from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.files import atomic_directory, write_json
-from gptoss_tune.model.gpt_oss import Experts, GptOss, is_expert_weight
+from gptoss_tune.model.gpt_oss import Experts, GptOss, is_expert_weight, rope_settings
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
     MXFP4_SCALE_BIAS,
@@ -377,12 +377,29 @@ class ShardWriter:
 
 
 def checkpoint_config(config: GptOssConfig, dtype: torch.dtype, mxfp4: bool) -> dict[str, Any]:
-    """config.json contents for a checkpoint of `config` stored in `dtype` (experts in MXFP4 if asked)."""
+    """config.json contents for a checkpoint of `config` stored in `dtype` (experts in MXFP4 if asked).
+
+    In the published checkpoints' layout, which every reader knows: `rope_scaling` + `rope_theta`
+    (transformers 5 reads them into its `rope_parameters`; 4.55 and 4.56 ignore `rope_parameters` and
+    would fall back to YaRN settings without `original_max_position_embeddings`, silently), the dtype
+    under both its names, and none of the generic fields left at their defaults."""
+    from transformers import PretrainedConfig
+
     fields = config.to_dict()
+    generic = PretrainedConfig().to_dict()
+    for key in [
+        key for key, value in fields.items() if (key in generic and generic[key] == value) or value is None
+    ]:
+        del fields[key]
     fields.pop("quantization_config", None)
     fields.pop("_name_or_path", None)
+    fields.pop("rope_parameters", None)
+    rope = dict(rope_settings(config))
+    fields["rope_theta"] = rope.pop("rope_theta")
+    fields["rope_scaling"] = rope
     fields["architectures"] = ["GptOssForCausalLM"]
-    fields["dtype"] = str(dtype).removeprefix("torch.")
+    fields["dtype"] = fields["torch_dtype"] = str(dtype).removeprefix("torch.")
+    fields["transformers_version"] = config.to_dict().get("transformers_version")
     if mxfp4:
         fields["quantization_config"] = {
             "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED),
