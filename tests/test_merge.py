@@ -216,6 +216,46 @@ def test_merge_errors_are_user_errors(tiny_model_dir, adapter, tmp_path) -> None
         merge(tiny_model_dir, adapter, tmp_path / "taken")
 
 
+@pytest.mark.parametrize("change", [{"num_local_experts": 8}, {"hidden_size": 128}])
+def test_an_adapter_for_another_model_is_refused_before_anything_is_written(
+    adapter, change, tmp_path
+) -> None:
+    """4 experts x rank 4 rows also divide among 8 experts: without the check, a 20b adapter would
+    merge into 120b as garbage."""
+    from gptoss_tune.model.checkpoint import save_checkpoint
+    from gptoss_tune.model.init import random_weights
+    from gptoss_tune.model.presets import preset_config, preset_init_scales
+
+    config = preset_config("tiny")
+    for key, value in change.items():
+        setattr(config, key, value)
+    other = save_checkpoint(random_weights(config, preset_init_scales("tiny"), 1), config, tmp_path / "other")
+    with pytest.raises(GptossTuneError, match="trained for another model"):
+        merge(other, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_failed_merge_record_leaves_no_checkpoint(tiny_model_dir, adapter, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    (broken / "gptoss_tune_adapter.json").write_text("{not json")
+    with pytest.raises(GptossTuneError, match="gptoss_tune_adapter.json"):
+        merge(tiny_model_dir, broken, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_written_weights_are_as_readable_as_other_files(tiny_model_dir, adapter, tmp_path) -> None:
+    out = merge(tiny_model_dir, adapter, tmp_path / "merged").output
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+    assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == (
+        adapter / "adapter_config.json"
+    ).stat().st_mode & 0o777
+
+
 def test_render_settings_of_the_training_data_travel_with_the_merge(
     tiny_model_dir, adapter, tmp_path
 ) -> None:

@@ -68,3 +68,19 @@ def write_json(path: Path, value: Mapping[str, Any]) -> None:
     """Write JSON atomically (a temporary sibling, then a rename)."""
     with atomic_file(path) as handle:
         handle.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, leaving the file readable as the umask allows, like every other file we
+    write: safetensors 0.8 writes through a temporary file created 0600, which a server running as
+    another user (a container, a shared cluster) cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())

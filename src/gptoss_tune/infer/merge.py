@@ -41,6 +41,7 @@ from gptoss_tune.model.lora import (
     EXPERT_TARGETS,
     Site,
     base_tensor_name,
+    check_adapter_fits,
     expert_lora_from_peft,
     merge_lora_into_state_dict,
     peft_keys,
@@ -214,6 +215,7 @@ def merge(
     base_path = resolve_model_path(base)
     config = read_config(base_path)
     options, sites, adapter_state = read_adapter(adapter)
+    check_adapter_fits(config, options, sites, adapter_state, adapter)
 
     # Attention LoRA through merge_lora_into_state_dict; experts here, one expert at a time.
     attention_sites = [site for site in sites if site[1] not in EXPERT_TARGETS]
@@ -231,9 +233,30 @@ def merge(
         )
     )
 
+    render = training_render_settings(adapter)  # read before the work: a bad record fails early
+    results: list[MergeResult] = []
+
+    def write_record(folder: Path) -> None:  # inside the checkpoint's atomic write
+        result = MergeResult(
+            output=Path(output),
+            dtype=dtype,
+            tensors=len(seen),
+            merged_tensors=len(sites),
+            seconds=round(time.perf_counter() - started, 2),
+            bytes_written=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+            expert_delta_kept=experts.stats.kept,
+            expert_delta_relative_error=experts.stats.relative_error,
+        )
+        if mxfp4 and experts.stats.kept is not None and experts.stats.kept < DELTA_KEPT_WARNING:
+            result.warnings.append(
+                f"Only {experts.stats.kept:.0%} of the adapter's expert update survived MXFP4 rounding: most of "
+                "it is smaller than the grid step. Merge with --dtype bf16 to keep it all, or serve base + adapter."
+            )
+        _write_record(folder, base, adapter, render, result)
+        results.append(result)
+
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_source = _tokenizer_source(base_path, Path(scratch))
-        out = save_checkpoint(
+        save_checkpoint(
             merged,
             config,
             output,
@@ -241,26 +264,11 @@ def merge(
             mxfp4=mxfp4,
             max_shard_bytes=max_shard_bytes,
             generation_config=base_generation_config(base_path),
-            copy_tokenizer_from=tokenizer_source,
+            copy_tokenizer_from=_tokenizer_source(base_path, Path(scratch)),
             overwrite=overwrite,
+            finish=write_record,
         )
-    result = MergeResult(
-        output=out,
-        dtype=dtype,
-        tensors=len(seen),
-        merged_tensors=len(sites),
-        seconds=round(time.perf_counter() - started, 2),
-        bytes_written=sum(f.stat().st_size for f in out.glob("*.safetensors")),
-        expert_delta_kept=experts.stats.kept,
-        expert_delta_relative_error=experts.stats.relative_error,
-    )
-    if mxfp4 and experts.stats.kept is not None and experts.stats.kept < DELTA_KEPT_WARNING:
-        result.warnings.append(
-            f"Only {experts.stats.kept:.0%} of the adapter's expert update survived MXFP4 rounding: most of it is "
-            "smaller than the grid step. Merge with --dtype bf16 to keep it all, or serve base + adapter."
-        )
-    _write_record(out, base, adapter, result)
-    return result
+    return results[0]
 
 
 def _tokenizer_source(base: Path, scratch: Path) -> Path:
@@ -273,12 +281,14 @@ def _tokenizer_source(base: Path, scratch: Path) -> Path:
     return scratch
 
 
-def _write_record(out: Path, base: str | Path, adapter: str | Path, result: MergeResult) -> None:
+def _write_record(
+    out: Path, base: str | Path, adapter: str | Path, render: dict | None, result: MergeResult
+) -> None:
     """gptoss_tune_merge.json: what was merged, how, and (for chat) the training's render options."""
     record = {
         "base": str(base),
         "adapter": str(Path(adapter).resolve()),
-        "render": training_render_settings(adapter),
+        "render": render,
         **{k: v for k, v in asdict(result).items() if k not in ("output", "warnings")},
     }
     with atomic_file(out / MERGE_RECORD) as handle:

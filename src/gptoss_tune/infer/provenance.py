@@ -15,11 +15,22 @@ from pathlib import Path
 import yaml
 
 from gptoss_tune.data.prepare import PREPARE_INFO, RENDER_KEYS
+from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.model.lora import ADAPTER_RECORD
 
 RUN_CONFIG = "config.yaml"
 MERGE_RECORD = "gptoss_tune_merge.json"
 _RUN_SEARCH_DEPTH = 3  # RUN/checkpoints/step-N[/adapter]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GptossTuneError(f"{path}: cannot read it ({exc}); fix or delete the file.") from None
+    if not isinstance(value, dict):
+        raise GptossTuneError(f"{path}: expected a JSON object; fix or delete the file.")
+    return value
 
 
 def _render_fields(values: dict) -> dict[str, str] | None:
@@ -34,7 +45,7 @@ def _from_run_folder(run: Path) -> dict[str, str] | None:
         candidates.append(Path(str(config["data"])) / PREPARE_INFO)
     for info in candidates:
         if info.is_file():  # the prepared data's own options win over the run's defaults
-            return _render_fields(json.loads(info.read_text()).get("options", {}))
+            return _render_fields(_read_json(info).get("options", {}))
     return _render_fields(config)
 
 
@@ -56,6 +67,6 @@ def training_render_settings(adapter_or_model: str | Path | None) -> dict[str, s
     path = Path(adapter_or_model)
     for record in (path / MERGE_RECORD, path / ADAPTER_RECORD):
         if record.is_file():
-            return _render_fields(json.loads(record.read_text()).get("render") or {})
+            return _render_fields(_read_json(record).get("render") or {})
     run = _run_folder_of(Path(os.path.abspath(path)))  # not resolve(): a linked adapter is where it is linked
     return _from_run_folder(run) if run is not None else None

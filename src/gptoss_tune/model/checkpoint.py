@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.files import atomic_directory, write_json
+from gptoss_tune.files import atomic_directory, save_safetensors, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss, is_expert_weight, rope_settings
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
@@ -356,7 +355,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         file = self.directory / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, file, metadata={"format": "pt"})
+        save_safetensors(self.pending, file, metadata={"format": "pt"})
         self.shards.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -451,13 +450,15 @@ def save_checkpoint(
     generation_config: Mapping[str, Any] | None = None,
     copy_tokenizer_from: str | Path | None = None,
     overwrite: bool = False,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete Hugging Face checkpoint directory, atomically.
 
     `tensors` yields (name, tensor) in our layout, e.g. `model.state_dict().items()` or
     `iter_checkpoint_tensors(...)`; it is consumed once, so a generator streams a model that
     never sits in memory whole. With `mxfp4`, the expert weights are quantized and stored as
-    `_blocks` / `_scales`; everything else is stored in `dtype`.
+    `_blocks` / `_scales`; everything else is stored in `dtype`. `finish(folder)` adds the caller's
+    own files before the folder is renamed into place.
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as directory:
@@ -466,4 +467,6 @@ def save_checkpoint(
         write_json(directory / "generation_config.json", dict(generation_config or GENERATION_CONFIG))
         if copy_tokenizer_from is not None:
             copy_tokenizer_files(copy_tokenizer_from, directory)
+        if finish is not None:
+            finish(directory)
     return out_dir

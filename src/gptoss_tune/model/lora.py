@@ -23,17 +23,20 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.files import atomic_directory, write_json
+from gptoss_tune.files import atomic_directory, save_safetensors, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss
 from gptoss_tune.model.sharded import assign_full_, full_tensor
+
+if TYPE_CHECKING:
+    from transformers import GptOssConfig
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")  # PEFT's nesting order: registration order in the experts
@@ -417,7 +420,7 @@ def save_adapter(
         raise GptossTuneError("The model has no LoRA adapter to save.")
     state = lora_state_dict_peft(model) if state is None else state
     with atomic_directory(out_dir, overwrite=overwrite) as directory:
-        save_file(
+        save_safetensors(
             {k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"}
         )
         write_json(directory / ADAPTER_CONFIG, adapter_config(options, sites, base_model_name_or_path))
@@ -503,6 +506,43 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoraOptions, list[Site], dict
         layers=tuple(sorted({layer for layer, _ in sites})),
     )
     return options, sites, state
+
+
+def peft_shapes(config: GptOssConfig, site: Site, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of a site's (lora_A, lora_B) in a PEFT adapter file for a model of `config`."""
+    _, name = site
+    heads = config.num_attention_heads * config.head_dim
+    kv_heads = config.num_key_value_heads * config.head_dim
+    in_out = {
+        "q_proj": (config.hidden_size, heads),
+        "k_proj": (config.hidden_size, kv_heads),
+        "v_proj": (config.hidden_size, kv_heads),
+        "o_proj": (heads, config.hidden_size),
+        "gate_up_proj": (config.hidden_size, 2 * config.intermediate_size),
+        "down_proj": (config.intermediate_size, config.hidden_size),
+    }
+    in_features, out_features = in_out[name]
+    rows = rank * config.num_local_experts if name in EXPERT_TARGETS else rank  # experts stack theirs
+    return (rows, in_features), (out_features, rows)
+
+
+def check_adapter_fits(
+    config: GptOssConfig,
+    options: LoraOptions,
+    sites: list[Site],
+    state: Mapping[str, Tensor],
+    where: str | Path,
+) -> None:
+    """Every adapter tensor has the shape a model of `config` needs: an adapter trained for another
+    model (another expert count, hidden size...) is refused before anything is merged into it."""
+    for site in sites:
+        expected = peft_shapes(config, site, options.rank)
+        for key, shape in zip(peft_keys(site, sites), expected, strict=True):
+            if tuple(state[key].shape) != shape:
+                raise GptossTuneError(
+                    f"{where}: {key} has shape {tuple(state[key].shape)}, but this base model needs {shape} "
+                    f"at rank {options.rank}: the adapter was trained for another model."
+                )
 
 
 def _set_site_weights(module: LoraLinear | ExpertLora, peft_a: Tensor, peft_b: Tensor, where: str) -> None:
