@@ -396,6 +396,7 @@ def adapter_config(
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
         bias="none",
+        inference_mode=True,  # as PEFT's save_pretrained writes it
     ).to_dict()
     config["target_modules"] = attention or None  # a sorted list, not PEFT's set: same file every time
     return json.loads(json.dumps(config, default=str))
