@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.train.launch import torchrun_command
+from gptoss_tune.train.launch import needs_torchrun, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,20 @@ def test_several_nodes_pass_rank_address_and_port():
     assert "--standalone" not in command
     with pytest.raises(GptossTuneError, match="MASTER_ADDR"):
         torchrun_command(8, ["train"], env={"NNODES": "2"})
+    with pytest.raises(GptossTuneError, match="NODE_RANK"):
+        torchrun_command(8, ["train"], env={"NNODES": "2", "MASTER_ADDR": "node-a"})
+
+
+def test_several_nodes_with_one_gpu_each_still_start_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("NNODES", raising=False)
+    assert not needs_torchrun(1) and needs_torchrun(2)
+    monkeypatch.setenv("NNODES", "4")
+    assert needs_torchrun(1)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert not needs_torchrun(1)  # already a torchrun worker
 
 
 def stub(directory: Path, name: str, body: str) -> None:
@@ -80,8 +94,7 @@ def test_one_node_template(fake_cluster, gpus):
     lines = log.read_text().splitlines()
     assert len(lines) == 1
     assert lines[0].endswith(
-        f"args=train --config recipes/gpt-oss-20b-multilingual-thinking.yaml "
-        f"--output runs/job-42 --gpus {gpus}"
+        f"args=train --config recipes/gpt-oss-20b-multilingual-thinking.yaml --output runs/job --gpus {gpus}"
     )
 
 
@@ -96,7 +109,7 @@ def test_multi_node_template(fake_cluster, nodes, gpus):
     assert [line.split()[0] for line in lines] == [f"node={i}" for i in range(nodes)]
     for line in lines:
         assert f"nnodes={nodes} master=gpu-001:29500" in line
-        assert line.endswith(f"--output runs/job-42 --gpus {gpus} --resume")
+        assert line.endswith(f"--output runs/job --gpus {gpus} --resume")
 
 
 def test_recipes_resolve(tmp_path):

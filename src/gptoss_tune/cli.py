@@ -412,9 +412,9 @@ def train(
     from gptoss_tune.config import option_names, resolve_config
 
     resolved = resolve_config(config, _given_on_command_line(ctx, option_names()))
-    from gptoss_tune.train.launch import launch_torchrun, launched_by_torchrun
+    from gptoss_tune.train.launch import launch_torchrun, needs_torchrun
 
-    if resolved.gpus > 1 and not launched_by_torchrun():
+    if needs_torchrun(resolved.gpus):
         raise typer.Exit(launch_torchrun(resolved.gpus))
     from gptoss_tune.train.run import run_training
 

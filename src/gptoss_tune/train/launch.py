@@ -19,12 +19,17 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def needs_torchrun(gpus: int) -> bool:
+    """Several GPUs here, or several nodes (NNODES > 1, even with one GPU each)."""
+    return (gpus > 1 or int(os.environ.get("NNODES", "1")) > 1) and not launched_by_torchrun()
+
+
 def torchrun_command(nproc_per_node: int, args: list[str], env: dict[str, str] | None = None) -> list[str]:
     env = dict(os.environ if env is None else env)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
     nnodes = int(env.get("NNODES", "1"))
     if nnodes > 1:
-        if "MASTER_ADDR" not in env:
+        if "MASTER_ADDR" not in env or "NODE_RANK" not in env:
             from gptoss_tune.errors import GptossTuneError
 
             raise GptossTuneError(
@@ -32,7 +37,7 @@ def torchrun_command(nproc_per_node: int, args: list[str], env: dict[str, str] |
             )
         command += [
             f"--nnodes={nnodes}",
-            f"--node-rank={env.get('NODE_RANK', '0')}",
+            f"--node-rank={env['NODE_RANK']}",
             f"--master-addr={env['MASTER_ADDR']}",
             f"--master-port={env.get('MASTER_PORT', DEFAULT_PORT)}",
         ]

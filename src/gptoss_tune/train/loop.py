@@ -337,6 +337,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
 def resume(run: Run, log: Callable[[str], None]) -> int:
     checkpoint = latest_checkpoint(run.output) if run.config.resume else None
     if checkpoint is None:
+        if run.config.resume and run.info.is_main:
+            log(f"--resume: no checkpoint in {run.output} yet, so the run starts at step 0")
         return 0
     state = load_training_checkpoint(
         checkpoint, lambda d: load_adapter(run.model, d), run.optimizer, run.scheduler, run.info, run.sharded
