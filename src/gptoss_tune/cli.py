@@ -372,7 +372,7 @@ def train(
         str,
         typer.Option(
             help="The fast paths' attention: auto (FlashAttention-4 where the optional flash-attn-4 package "
-            "is installed and the GPU is an H100/H200/B200, else FlexAttention), flash, or flex."
+            "is installed and the GPU is an H100/H200/B200/B300, else FlexAttention), flash, or flex."
         ),
     ] = "auto",
     expert_gemm: Annotated[
@@ -440,7 +440,11 @@ def _command_line(ctx: typer.Context) -> str:
 def bench(
     ctx: typer.Context,
     preset: Annotated[
-        str, typer.Option(help="Architecture: 20b, 120b, or tiny (also runs on a CPU).")
+        str,
+        typer.Option(
+            help="Architecture: 20b, 120b, or tiny (on a CPU too, where the stock recipe cannot run: "
+            "transformers' flex_attention has no sinks there)."
+        ),
     ] = "20b",
     tokens_per_batch: Annotated[
         int | None,
@@ -452,13 +456,13 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed optimizer steps per recipe.")] = 6,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (torch.compile warm-up).")] = 2,
     layers: Annotated[
-        int | None, typer.Option(help="Cut the model to this many layers for a quick run [default: all]")
+        int | None, typer.Option(help="Cut the model to this many layers for a quick run", show_default="all")
     ] = None,
     recipes: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of ours, ours-eager, stock, cookbook "
-            "[default: ours,stock,cookbook; ours with --long-context]"
+            help="Comma list of ours, ours-eager, stock, cookbook",
+            show_default="ours,stock,cookbook; ours with --long-context or mxfp4 experts",
         ),
     ] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank for every recipe.")] = 8,
@@ -489,8 +493,8 @@ def bench(
     attention: Annotated[
         str,
         typer.Option(
-            help="Ours' attention: auto (FlashAttention-4 where flash-attn-4 is installed, else "
-            "FlexAttention), flash, or flex."
+            help="Ours' attention: auto (FlashAttention-4 where flash-attn-4 is installed and the GPU is an "
+            "H100/H200/B200/B300, else FlexAttention), flash, or flex."
         ),
     ] = "auto",
     expert_gemm: Annotated[
@@ -513,7 +517,7 @@ def bench(
         ),
     ] = False,
     peak_tflops: Annotated[
-        float | None, typer.Option(help="bf16 peak for MFU [default: the GPU's datasheet value]")
+        float | None, typer.Option(help="bf16 peak for MFU", show_default="the GPU's datasheet value")
     ] = None,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cuda, cpu.")] = "auto",
     gpus: Annotated[
@@ -542,7 +546,7 @@ def bench(
         typer.Option(
             help="bf16: dense random experts shared by every recipe. mxfp4: random MXFP4 experts kept "
             "quantized (fits 20b in ~13 GiB, 120b in ~61 GiB); runs ours / ours-eager only "
-            "[default recipes: ours]."
+            "(by default ours)."
         ),
     ] = "bf16",
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data and the random weights.")] = 0,
@@ -782,7 +786,10 @@ def eval_command(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
     adapter: Annotated[
         Path | None,
-        typer.Option(help=ADAPTER_HELP + "; scores base and adapter", show_default="none: MODEL alone"),
+        typer.Option(
+            help=ADAPTER_HELP.removesuffix(".") + "; scores base and adapter.",
+            show_default="none: MODEL alone",
+        ),
     ] = None,
     data: Annotated[
         str | None,
