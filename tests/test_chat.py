@@ -179,6 +179,18 @@ def test_text_outside_harmony_is_reported_raw_not_dropped(encoding) -> None:
     assert "".join(d.text for d in deltas if d.channel == "analysis") == "Hmm."
 
 
+def test_two_messages_of_one_channel_stay_apart(encoding) -> None:
+    text = (
+        "<|channel|>final<|message|>It is 12:35.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Then it arrives at 12:35.<|return|>"
+    )
+    tokens = encoding.encode(text, allowed_special="all")
+    reference = encoding.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
+    assert parse_completion(tokens).final == "\n\n".join(m.content[0].text for m in reference)
+    cut = parse_completion(tokens[:-3])  # the second message cut off by --max-new-tokens
+    assert cut.final.startswith("It is 12:35.\n\nThen")
+
+
 def test_stop_tokens_are_openai_harmonys(encoding) -> None:
     assert set(stop_token_ids()) == set(encoding.stop_tokens_for_assistant_actions()) == {200002, 200012}
 
@@ -234,6 +246,22 @@ def test_interactive_session_keeps_history_resets_and_quits() -> None:
     )
     assert len(generator.prompts) == 3
     assert "answer 3" in console.export_text()
+
+
+def test_an_answer_cut_off_in_its_thinking_is_not_kept_in_the_history() -> None:
+    class ThinkingOnly(RecordingGenerator):
+        def complete(self, prompt_ids, sampling, on_delta=None, use_adapter=True, stop_tokens=None):
+            self.prompts.append(prompt_ids)
+            return Completion([], {"analysis": "still thinking"}, stopped=False)
+
+    generator = ThinkingOnly()
+    session = ChatSession(generator, RenderOptions(), SamplingOptions(), ChatHistory())
+    console = Console(record=True, width=100)
+    interactive(session, console, hide_analysis=False, read_line=iter(["first", "second", "/quit"]).__next__)
+    assert generator.prompts[1] == generation_prompt(
+        ChatHistory().conversation_with("second"), RenderOptions()
+    )
+    assert "not kept in the history" in console.export_text()
 
 
 # --- generation on the tiny model -------------------------------------------------------------------

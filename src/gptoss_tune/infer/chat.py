@@ -31,10 +31,13 @@ class ChatSession:
         return generation_prompt(self.history.conversation_with(user_text), self.render_options)
 
     def ask(self, user_text: str, on_delta: Callable[[Delta], None] | None = None) -> Completion:
-        """Answer `user_text` after the history, then add the exchange to the history."""
+        """Answer `user_text` after the history, then add the exchange to the history, unless the
+        model gave no answer at all (cut off in its thinking): an empty answer the model never wrote
+        would stand in the next prompt."""
         completion = self.generator.complete(self.prompt_ids(user_text), self.sampling, on_delta)
         final = completion.final or completion.raw
-        self.history.add_exchange(user_text, final, completion.analysis)
+        if final.strip():
+            self.history.add_exchange(user_text, final, completion.analysis)
         return completion
 
 
@@ -74,6 +77,10 @@ class ChannelPrinter:
             self.console.print()
         if not completion.stopped:
             self.console.print(Text("[stopped at --max-new-tokens]", style="italic dim"))
+        if not (completion.final or completion.raw).strip():
+            self.console.print(
+                Text("[no answer: this exchange is not kept in the history]", style="italic dim")
+            )
         self.channel = False
         self.raw_printed = ""
 

@@ -59,7 +59,7 @@ class Delta:
 @dataclass
 class Completion:
     token_ids: list[int]
-    channels: dict[str, str] = field(default_factory=dict)  # channel -> its text, messages joined
+    channels: dict[str, str] = field(default_factory=dict)  # channel -> its text, messages a blank line apart
     raw: str = ""  # text that is not part of any Harmony message
     stopped: bool = False  # ended on a stop token (not on --max-new-tokens)
 
@@ -121,16 +121,20 @@ class HarmonyStream:
         channels: dict[str, str] = {}
         for message in self.parser.messages:
             text = "".join(getattr(part, "text", "") for part in message.content)
-            channels[message.channel or ""] = channels.get(message.channel or "", "") + text
+            _add_message(channels, message.channel or "", text)
         raw = ""
         if self.broken or self.message_start < len(self.tokens):
             if not self.broken and self.parser.current_channel is not None:
                 # cut off inside a message's content (--max-new-tokens): keep what it said
-                channel = self.parser.current_channel
-                channels[channel] = channels.get(channel, "") + self.parser.current_content
+                _add_message(channels, self.parser.current_channel, self.parser.current_content)
             else:
                 raw = self._raw_text()
         return Completion(list(self.tokens), channels, raw, stopped)
+
+
+def _add_message(channels: dict[str, str], channel: str, text: str) -> None:
+    """A channel's messages, a blank line apart (a model may write two final messages)."""
+    channels[channel] = f"{channels[channel]}\n\n{text}" if channel in channels else text
 
 
 def parse_completion(token_ids: list[int], stop_tokens: set[int] | None = None) -> Completion:
