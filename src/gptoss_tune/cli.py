@@ -848,9 +848,9 @@ def eval_command(
 ) -> None:
     """Evaluate: loss on trained tokens (--data) or reasoning-language adherence (--reasoning-language).
 
-    With --adapter, the base model and base + adapter are scored side by side. A prepared --data folder
-    is scored as it was prepared: --template, --date, --reasoning-effort and --loss-on apply to data
-    that is not prepared, and to the prompts of adherence mode."""
+    With --adapter, the base model and base + adapter are scored side by side.
+
+    A prepared --data folder is scored as it was prepared: --template, --date, --reasoning-effort and --loss-on apply to data that is not prepared, and to the prompts of adherence mode."""  # noqa: E501
     if reasoning_language == (data is not None):
         raise GptossTuneError("Choose one mode: --data FILE (loss) or --reasoning-language (adherence).")
     options = _render_options(model, adapter, template, date, reasoning_effort)
