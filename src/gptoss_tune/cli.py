@@ -442,7 +442,7 @@ def bench(
     preset: Annotated[
         str,
         typer.Option(
-            help="Architecture: 20b, 120b, or tiny (on a CPU too, where the stock recipe cannot run: "
+            help="Architecture: 20b, 120b, or tiny (on a CPU too, where the stock recipe uses eager attention: "
             "transformers' flex_attention has no sinks there)."
         ),
     ] = "20b",

@@ -2,8 +2,9 @@
 
 - cookbook: OpenAI's cookbook recipe: transformers GptOssForCausalLM with eager attention and eager
   experts, PEFT LoRA, padded batches of whole examples, gradient checkpointing.
-- stock: the best stock transformers setup: flex_attention + grouped_mm experts, PEFT LoRA, padded
-  batches, gradient checkpointing.
+- stock: the best stock transformers setup: flex_attention (eager on a CPU, where transformers'
+  flex_attention cannot run sinks) + grouped_mm experts, PEFT LoRA, padded batches, gradient
+  checkpointing.
 - ours: our model sharing the same tensors, packed micro-batches, our kernels
   (`gptoss_tune.kernels`), selective activation checkpointing under a memory budget.
 - ours-eager: our model with its eager reference kernels and every layer checkpointed (separates
@@ -415,6 +416,12 @@ def build_transformers_model(
     return model
 
 
+def stock_attention(device: torch.device) -> str:
+    """flex_attention, the fastest transformers attention with sinks; on a CPU, where transformers'
+    flex_attention refuses sinks, eager attention."""
+    return "flex_attention" if device.type == "cuda" else "eager"
+
+
 def make_recipe(
     name: str,
     options: RecipeOptions,
@@ -433,7 +440,7 @@ def make_recipe(
             f"recipe {name!r} needs the transformers model (not built with MXFP4 expert storage)"
         )
     if name == "stock":
-        return TransformersRecipe(options, device, hf_model, "stock", "flex_attention", "grouped_mm")
+        return TransformersRecipe(options, device, hf_model, "stock", stock_attention(device), "grouped_mm")
     if name == "cookbook":
         return TransformersRecipe(options, device, hf_model, "cookbook", "eager", "eager")
     raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")

@@ -142,6 +142,9 @@ def markdown(report: BenchReport) -> str:
         f"Kernels of {r.recipe}: {r.notes['kernels']}." for r in report.results if r.notes.get("kernels")
     ]
     notes += [
+        f"{r.description}." for r in report.results if r.recipe in ("stock", "cookbook") and r.description
+    ]
+    notes += [
         f"Memory plan of {r.recipe}{'' if r.length is None else f' at {r.length:,} tokens'}: {r.notes['memory_plan']}."
         for r in report.results
         if r.notes.get("memory_plan")
