@@ -208,6 +208,25 @@ def test_loading_reports_missing_and_unexpected_tensors(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "extra")
 
 
+def test_broken_files_are_named_in_a_clear_error(tmp_path: Path) -> None:
+    config = small_vocab_config()
+    state = random_model(config).state_dict()
+    whole = save_checkpoint(state.items(), config, tmp_path / "whole")
+    weights = whole / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(GptossTuneError, match=r"model\.safetensors: cannot read it .*truncated or corrupt"):
+        load_checkpoint(whole)
+    sharded = save_checkpoint(state.items(), config, tmp_path / "sharded", max_shard_bytes=1 << 12)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(GptossTuneError, match=f"{shards[-1].name}: cannot read it"):
+        load_checkpoint(sharded)
+    (sharded / "config.json").write_text("{oops")
+    with pytest.raises(GptossTuneError, match=r"config\.json: cannot read it"):
+        load_checkpoint(sharded)
+
+
 def test_atomic_directory_leaves_nothing_on_failure_and_keeps_existing_outputs(tmp_path: Path) -> None:
     target = tmp_path / "out"
     with pytest.raises(RuntimeError), atomic_directory(target) as directory:
@@ -229,6 +248,14 @@ def test_atomic_directory_leaves_nothing_on_failure_and_keeps_existing_outputs(t
     with atomic_directory(empty) as directory:  # an empty directory holds nothing to lose
         (directory / "done").write_text("3")
     assert (empty / "done").read_text() == "3"
+
+
+def test_atomic_directory_writes_into_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with atomic_directory(".") as directory:  # "." has no name of its own to make a sibling of
+        (directory / "done").write_text("4")
+    assert (tmp_path / "here" / "done").read_text() == "4"
 
 
 # --- Resolving ---------------------------------------------------------------------------------------

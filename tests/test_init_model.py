@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gptoss_tune.errors import GptossTuneError
 from gptoss_tune.harmony import tokens
 from gptoss_tune.harmony.hf_tokenizer import special_token_names
 from gptoss_tune.harmony.vocab import harmony_encoding
@@ -169,6 +170,11 @@ def test_random_on_load_writes_no_weights_and_draws_the_same_model(tmp_path: Pat
     other_model = load_checkpoint(other, torch.float32, "cpu", "bf16")
     assert not torch.equal(other_model.lm_head.weight, dense.lm_head.weight)
     assert float(dense.model.norm.weight.detach().min()) == 1.0
+    # transformers cannot load it: chat and eval say so instead of failing inside transformers
+    from gptoss_tune.infer.generate import load_hf_model
+
+    with pytest.raises(GptossTuneError, match="random-on-load folder"):
+        load_hf_model(path, torch.device("cpu"), torch.float32)
 
 
 def test_mxfp4_codes_drawn_directly_match_the_random_on_load_model(tmp_path: Path) -> None:

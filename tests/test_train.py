@@ -286,6 +286,9 @@ def test_the_adapter_says_how_its_training_data_was_rendered(tiny_model_dir, tmp
     shutil.rmtree(tmp_path / "prepared")
     expected = {"template": "harmony", "date": "2024-01-02", "reasoning_effort": "high"}
     assert training_render_settings(copied) == expected
+    # the base is named by its absolute path, which PEFT's AutoPeftModel finds from anywhere
+    adapter_config = json.loads((copied / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
     assert training_render_settings(tmp_path / "run" / "checkpoints" / "step-1" / "adapter") == expected
 
 

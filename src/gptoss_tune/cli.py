@@ -207,7 +207,8 @@ def init_model(
         bool,
         typer.Option(
             help="Write no weights: whatever loads the folder draws them (seeded, MXFP4 experts) on its own "
-            "device. For benchmarks of the full-size shapes without writing tens of GB."
+            "device. For benchmarks of the full-size shapes without writing tens of GB. A CPU and a GPU draw "
+            "different weights from one seed: keep a folder's runs on one kind of device."
         ),
     ] = False,
 ) -> None:

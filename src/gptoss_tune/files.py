@@ -28,7 +28,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """Yield a temporary sibling of `out_dir` to write into; rename it to `out_dir` on success and
     delete it on failure, so a failed run never leaves a half-written output. An existing `out_dir`
     is replaced only with `overwrite` (or when it is an empty directory)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a sibling of
     if holds_files(out_dir) and not overwrite:
         raise GptossTuneError(f"{out_dir} already exists. Choose another output directory or remove it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

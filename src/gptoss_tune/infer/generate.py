@@ -204,9 +204,16 @@ def load_hf_model(model: str | Path, device: torch.device, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     from gptoss_tune.model.checkpoint import read_config, resolve_model_path
+    from gptoss_tune.model.random_weights import RandomWeights
 
     path = resolve_model_path(model)
     read_config(path)  # a clear error for a folder that is not a gpt-oss checkpoint
+    if RandomWeights.read(path) is not None:
+        raise GptossTuneError(
+            f"{path} is a random-on-load folder (init-model --random-on-load): it holds no weights for "
+            "transformers to load. Write one with weights (init-model without --random-on-load), or `merge` "
+            "an adapter into it, which draws the weights and writes them."
+        )
     extra = {}
     if is_mxfp4_checkpoint(path):
         # The MXFP4 kernels are fetched from the hub at run time; dequantizing works everywhere.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +102,18 @@ def resolve_model_path(model_id_or_path: str | Path) -> Path:
         ) from exc
 
 
+def model_reference(model: str | Path) -> str:
+    """How files we write name a base model: a local folder by its absolute path (PEFT's
+    AutoPeftModel finds it from anywhere), a hub id as it is."""
+    local = Path(str(model)).expanduser()
+    return str(local.resolve()) if local.is_dir() else str(model)
+
+
 def read_config(path: str | Path) -> GptOssConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise GptossTuneError(f"{path}: no config.json; this is not a Hugging Face model directory.")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = _read_json(config_file).get("model_type")
     if model_type != "gpt_oss":
         raise GptossTuneError(f"{config_file}: model_type is '{model_type}', expected 'gpt_oss'.")
     return GptOssConfig.from_pretrained(path)
@@ -164,15 +171,42 @@ def expert_weight_to_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptossTuneError(
+            f"{path}: cannot read it ({exc}); the checkpoint is incomplete or corrupt."
+        ) from None
+    if not isinstance(value, dict):
+        raise GptossTuneError(f"{path}: expected a JSON object; the checkpoint is corrupt.")
+    return value
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """safetensors' and the file system's errors, said of the file they come from."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise GptossTuneError(
+            f"{file}: cannot read it ({exc}); the file is missing, truncated or corrupt: download or write it again."
+        ) from None
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file holding it."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise GptossTuneError(f"{index}: no 'weight_map'; the checkpoint is corrupt.")
         return {name: path / file for name, file in weight_map.items()}
     single = path / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as handle:
+        with _reading(single), safe_open(single, framework="pt") as handle:
             return dict.fromkeys(handle.keys(), single)
     raise GptossTuneError(
         f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported."
@@ -223,9 +257,10 @@ def iter_stored_tensors(
 
         def read(name: str) -> Tensor:
             file = files[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
-            return handles[file].get_tensor(name)
+            with _reading(file):
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
+                return handles[file].get_tensor(name)
 
         for name in files:
             if name.endswith("_scales"):

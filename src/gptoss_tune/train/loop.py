@@ -30,7 +30,7 @@ from gptoss_tune.files import holds_files
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.kernels import RecomputePlan, enable_fast_paths, plan_activation_checkpointing
 from gptoss_tune.kernels.memory import GIB, auto_budget_bytes
-from gptoss_tune.model.checkpoint import load_checkpoint
+from gptoss_tune.model.checkpoint import load_checkpoint, model_reference
 from gptoss_tune.model.gpt_oss import GptOss
 from gptoss_tune.model.lora import (
     LoraOptions,
@@ -303,10 +303,14 @@ def adapter_writer(run: Run) -> Callable[[Path], None]:
             run.model,
             run.options,
             directory,
-            base_model_name_or_path=run.config.model,
+            base_model_name_or_path=model_reference(run.config.model),
             overwrite=True,
             state=state,
-            record={"render": run.render, "model": run.config.model, "data": run.config.data},
+            record={
+                "render": run.render,
+                "model": model_reference(run.config.model),
+                "data": run.config.data,
+            },
         )
 
     return write
