@@ -64,6 +64,18 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def read_json_object(path: Path, remedy: str) -> dict:
+    """A JSON object from `path`; a file that is unreadable, not JSON or not an object is an error
+    naming it, ending with `remedy` (what the user should do)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptossTuneError(f"{path}: cannot read it ({exc}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise GptossTuneError(f"{path}: expected a JSON object; {remedy}")
+    return value
+
+
 def write_json(path: Path, value: Mapping[str, Any]) -> None:
     """Write JSON atomically (a temporary sibling, then a rename)."""
     with atomic_file(path) as handle:

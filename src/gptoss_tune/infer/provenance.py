@@ -8,14 +8,13 @@ merged checkpoint's gptoss_tune_merge.json.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import yaml
 
 from gptoss_tune.data.prepare import PREPARE_INFO, RENDER_KEYS
-from gptoss_tune.errors import GptossTuneError
+from gptoss_tune.files import read_json_object
 from gptoss_tune.model.lora import ADAPTER_RECORD
 
 RUN_CONFIG = "config.yaml"
@@ -24,13 +23,7 @@ _RUN_SEARCH_DEPTH = 3  # RUN/checkpoints/step-N[/adapter]
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GptossTuneError(f"{path}: cannot read it ({exc}); fix or delete the file.") from None
-    if not isinstance(value, dict):
-        raise GptossTuneError(f"{path}: expected a JSON object; fix or delete the file.")
-    return value
+    return read_json_object(path, "fix or delete the file.")
 
 
 def _render_fields(values: dict) -> dict[str, str] | None:

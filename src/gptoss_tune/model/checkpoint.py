@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import GptOssConfig
 
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.files import atomic_directory, save_safetensors, write_json
+from gptoss_tune.files import atomic_directory, read_json_object, save_safetensors, write_json
 from gptoss_tune.model.gpt_oss import Experts, GptOss, is_expert_weight, rope_settings
 from gptoss_tune.model.mxfp4 import (
     FP4_VALUES,
@@ -172,15 +172,7 @@ def expert_weight_to_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GptossTuneError(
-            f"{path}: cannot read it ({exc}); the checkpoint is incomplete or corrupt."
-        ) from None
-    if not isinstance(value, dict):
-        raise GptossTuneError(f"{path}: expected a JSON object; the checkpoint is corrupt.")
-    return value
+    return read_json_object(path, "the checkpoint is incomplete or corrupt.")
 
 
 @contextmanager
