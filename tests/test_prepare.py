@@ -183,6 +183,18 @@ def test_a_prompts_example_answers_are_never_trained(tmp_path):
     assert info["stats"]["trained_tokens"] == info["stats"]["tokens"]
 
 
+def test_prepare_counts_the_tool_thinking_the_official_template_leaves_out(tmp_path):
+    rows = [tool_row(WEATHER, {"city": "Oslo"}, "Cold."), ALL_ROWS["mt"]]
+    source = write_jsonl(tmp_path / "t.jsonl", rows)
+    hf = prepare(str(source), tmp_path / "hf", PrepareOptions())
+    harmony = prepare(str(source), tmp_path / "harmony", PrepareOptions(template="harmony"))
+    assert (hf["stats"]["tool_thinking_left_out"], harmony["stats"]["tool_thinking_left_out"]) == (1, 0)
+    result = runner.invoke(app, ["prepare", str(source), "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0 and "--template harmony trains what inference shows" in " ".join(
+        result.output.split()
+    )
+
+
 def test_a_tool_schema_the_official_template_cannot_write_names_the_row(tmp_path):
     undescribed = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
     rows = [ALL_ROWS["mt"], tool_row(undescribed, {}, "Noon.")]

@@ -147,6 +147,12 @@ def prepare(
     )
     if stats["skipped"]:
         console.print(f"skipped: {json.dumps(stats['skipped'])}")
+    if stats["tool_thinking_left_out"]:
+        console.print(
+            f"[yellow]note:[/yellow] in {stats['tool_thinking_left_out']} conversations a final answer after a "
+            "tool result is trained without the call's thinking in view, as the official template renders it; "
+            "inference shows that thinking. --template harmony trains what inference shows."
+        )
 
 
 @app.command()

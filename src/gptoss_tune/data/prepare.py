@@ -22,7 +22,7 @@ from gptoss_tune.errors import DataError, GptossTuneError
 from gptoss_tune.files import atomic_directory, holds_files, write_json
 from gptoss_tune.harmony import tokens as T
 from gptoss_tune.harmony.labels import POLICIES, make_labels
-from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, render
+from gptoss_tune.harmony.render import DEFAULT_DATE, RenderOptions, hf_leaves_out_tool_thinking, render
 from gptoss_tune.harmony.vocab import VOCAB_SHA256
 
 PREPARE_INFO = "prepare.json"
@@ -73,6 +73,9 @@ class PrepareStats:
     trained_tokens: int = 0
     truncated: int = 0
     dropped_system_messages: int = 0
+    # `hf` only: conversations whose final answer after a tool result is trained without the call's
+    # thinking (the official template drops it; inference shows it; `harmony` keeps it)
+    tool_thinking_left_out: int = 0
     skipped: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
 
@@ -167,6 +170,9 @@ def build_examples(
             continue
         stats.conversations += 1
         stats.dropped_system_messages += conversation.dropped_messages
+        stats.tool_thinking_left_out += int(
+            options.template == "hf" and hf_leaves_out_tool_thinking(conversation)
+        )
         for example in rendered:
             trained = count_trained(example.labels)
             if trained == 0:

@@ -95,6 +95,16 @@ def keeps_thinking(conversation: Conversation, template: str = "hf") -> list[boo
     return keep
 
 
+def hf_leaves_out_tool_thinking(conversation: Conversation) -> bool:
+    """Whether the `hf` template renders a tool call's thinking out of sight of the final answer
+    that ends its turn (the official template's rule), where inference would show it."""
+    hf, harmony = keeps_thinking(conversation, "hf"), keeps_thinking(conversation, "harmony")
+    return any(
+        message.thinking is not None and here != there
+        for message, here, there in zip(conversation.messages, hf, harmony, strict=True)
+    )
+
+
 def render(conversation: Conversation, options: RenderOptions) -> Rendered:
     if options.template == "hf":
         return _render_hf(conversation, options)
