@@ -195,6 +195,12 @@ def test_prepare_counts_the_tool_thinking_the_official_template_leaves_out(tmp_p
     )
 
 
+def test_prepare_counts_empty_answers(tmp_path):
+    rows = [{"instruction": "Say nothing", "output": ""}, ALL_ROWS["alpaca"]]
+    info = prepare(str(write_jsonl(tmp_path / "a.jsonl", rows)), tmp_path / "o", PrepareOptions())
+    assert info["stats"]["empty_answers"] == 1 and info["stats"]["examples"] == 2
+
+
 def test_a_tool_schema_the_official_template_cannot_write_names_the_row(tmp_path):
     undescribed = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
     rows = [ALL_ROWS["mt"], tool_row(undescribed, {}, "Noon.")]

@@ -147,6 +147,11 @@ def prepare(
     )
     if stats["skipped"]:
         console.print(f"skipped: {json.dumps(stats['skipped'])}")
+    if stats["empty_answers"]:
+        console.print(
+            f"[yellow]note:[/yellow] {stats['empty_answers']} conversations have an empty answer: the model learns "
+            "to answer nothing there (an empty CSV cell?)."
+        )
     if stats["tool_thinking_left_out"]:
         console.print(
             f"[yellow]note:[/yellow] in {stats['tool_thinking_left_out']} conversations a final answer after a "

@@ -76,6 +76,7 @@ class PrepareStats:
     # `hf` only: conversations whose final answer after a tool result is trained without the call's
     # thinking (the official template drops it; inference shows it; `harmony` keeps it)
     tool_thinking_left_out: int = 0
+    empty_answers: int = 0  # conversations with an empty final answer (trained to answer nothing)
     skipped: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
 
@@ -130,6 +131,12 @@ def _fit_length(example: Example, options: PrepareOptions, stats: PrepareStats) 
     return None
 
 
+def has_an_empty_answer(conversation: Conversation) -> bool:
+    return any(
+        m.role == "assistant" and m.tool_call is None and not m.content.strip() for m in conversation.messages
+    )
+
+
 def skip_or_raise(error: DataError, options: PrepareOptions, stats: PrepareStats) -> None:
     """A bad row stops the run, or with --skip-invalid is counted by its reason."""
     if not options.skip_invalid:
@@ -173,6 +180,7 @@ def build_examples(
         stats.tool_thinking_left_out += int(
             options.template == "hf" and hf_leaves_out_tool_thinking(conversation)
         )
+        stats.empty_answers += int(has_an_empty_answer(conversation))
         for example in rendered:
             trained = count_trained(example.labels)
             if trained == 0:
