@@ -101,7 +101,7 @@ def test_eval_command_writes_the_loss_report(tiny_model_dir, short_chats, tmp_pa
     assert report_json["overall"]["examples"] == 12 and "adapter" not in report_json["overall"]
     assert "loss on trained tokens" in result.output
     both = CliRunner().invoke(app, ["eval", "--model", "m", "--data", "d", "--reasoning-language"])
-    assert isinstance(both.exception, GptossTuneError)
+    assert isinstance(both.exception, GptossTuneError) and "Choose one mode" in str(both.exception)
 
 
 def test_raw_data_is_prepared_with_the_given_policy(tmp_path) -> None:

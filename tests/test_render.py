@@ -101,6 +101,21 @@ def test_literal_special_text_stays_text_where_the_template_route_breaks(hf_toke
     assert official_ids(hf_tokenizer, conversation, "medium").count(T.END) > 3
 
 
+def inference_keeps_thinking(conversation: Conversation) -> list[bool]:
+    """Which messages' thinking inference shows when the model writes the conversation's last
+    message, written out apart from render.py: the analysis since the last final answer before it
+    (a turn's tool calls), and the last message's own."""
+    messages = conversation.messages
+    finals_before_last = [
+        i for i, m in enumerate(messages[:-1]) if m.role == "assistant" and m.tool_call is None
+    ]
+    cut = finals_before_last[-1] if finals_before_last else -1
+    return [
+        m.role == "assistant" and (i == len(messages) - 1 if m.tool_call is None else i > cut)
+        for i, m in enumerate(messages)
+    ]
+
+
 def harmony_reference(conversation: Conversation, options: RenderOptions) -> list[int]:
     """openai-harmony rendering built straight from the conversation, independently of render.py."""
     effort = getattr(oh.ReasoningEffort, options.reasoning_effort.upper())
@@ -125,7 +140,7 @@ def harmony_reference(conversation: Conversation, options: RenderOptions) -> lis
         )
     if developer.instructions or conversation.tools:
         messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-    keep = keeps_thinking(conversation, "harmony")[len(conversation.messages) - len(rest) :]
+    keep = inference_keeps_thinking(conversation)[len(conversation.messages) - len(rest) :]
     for m, keep_thinking in zip(rest, keep, strict=True):
         if m.role == "user":
             messages.append(oh.Message.from_role_and_content(oh.Role.USER, m.content))

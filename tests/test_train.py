@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from gptoss_tune.config import TrainConfig, resolve_config
-from gptoss_tune.data.pack import collate
 from gptoss_tune.errors import GptossTuneError
-from gptoss_tune.model.checkpoint import load_checkpoint
 from gptoss_tune.model.init import init_model
-from gptoss_tune.model.lora import LoraOptions, apply_lora
 from gptoss_tune.train.data import load_examples
 from gptoss_tune.train.loop import train
 
@@ -56,37 +54,50 @@ def test_training_writes_adapter_metrics_plot_and_lowers_the_loss(tiny_model_dir
         f"checkpoints/step-{result.steps}/optimizer.pt",
     ):
         assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, result.steps + 1))
     assert result.final_loss < 0.8 * result.first_loss
     assert result.trained_tokens == sum(r["trained_tokens"] for r in records)
 
 
-def test_step_loss_is_the_mean_over_all_trained_tokens_not_a_mean_of_means(tiny_model_dir, short_chats):
-    """Two micro-batches each divided by the step's total trained tokens give exactly the gradient of
-    one batch holding both."""
-    examples, _ = load_examples(short_chats)
-    first, second = collate(examples[:1]), collate(examples[1:4])
-    total = first.num_trained + second.num_trained
+def test_step_loss_is_the_mean_over_all_trained_tokens_not_a_mean_of_means(tiny_model_dir, tmp_path):
+    """Through the training loop: one step of several packed micro-batches (gradient accumulation)
+    has the loss, gradient norm and update of one micro-batch holding them all. The answers differ in
+    length, so a mean of per-batch means would weigh their tokens differently."""
+    from gptoss_tune.data.prepare import PrepareOptions, prepare
 
-    def grads(batches, denominator):
-        torch.manual_seed(0)
-        model = load_checkpoint(tiny_model_dir, dtype=torch.float32)
-        params = apply_lora(model, LoraOptions(rank=4, alpha=8))
-        with torch.no_grad():
-            for name, p in params.items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-        for batch in batches:
-            loss, _ = model.loss(batch.input_ids, batch.labels, batch.position_ids)
-            (loss / denominator).backward()
-        return {name: p.grad.clone() for name, p in params.items()}
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Count to {i}"},
+                {"role": "assistant", "content": "one " * i},
+            ]
+        }
+        for i in (1, 2, 4, 8, 16, 24, 32, 40)
+    ]
+    source = tmp_path / "counts.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare(str(source), tmp_path / "data", PrepareOptions())
+    examples, _ = load_examples(tmp_path / "data")
+    trained = [sum(label != -100 for label in labels) for _, labels in examples]
+    assert len(set(trained)) == len(rows) and max(len(ids) for ids, _ in examples) <= 128
 
-    split = grads([first, second], total)
-    together = grads([collate(examples[:4])], total)
-    for name in split:
-        torch.testing.assert_close(split[name], together[name], rtol=1e-4, atol=1e-7)
-    assert first.num_trained != second.num_trained  # a mean of means would weigh them differently
+    def first_step(name, tokens_per_batch, grad_accum):
+        options = dict(max_steps=1, tokens_per_batch=tokens_per_batch, grad_accum=grad_accum, lr=1e-2)
+        train(config(tiny_model_dir, tmp_path / "data", tmp_path / name, **options), log=lambda _: None)
+        (record,) = [
+            json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        return record, adapter_tensors(tmp_path / name)
+
+    together, together_adapter = first_step("together", 4096, 1)
+    split, split_adapter = first_step("split", 128, 16)
+    assert split["trained_tokens"] == together["trained_tokens"] == sum(trained)
+    assert split["loss"] == pytest.approx(together["loss"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(together["grad_norm"], rel=1e-4)
+    for key, tensor in together_adapter.items():
+        torch.testing.assert_close(split_adapter[key], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_after_kill_ends_with_the_same_adapter(tiny_model_dir, short_chats, tmp_path):
@@ -134,6 +145,9 @@ def test_resume_after_kill_ends_with_the_same_adapter(tiny_model_dir, short_chat
     assert not (out / "adapter").exists(), "killed too late to test resuming"
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    # it continued from the kill's checkpoint (starting over would give the same adapter too)
+    match = re.search(r"resumedfrom\S*step-(\d+)\(step(\d+)\)", "".join(resumed.stdout.split()))
+    assert match and int(match.group(1)) == int(match.group(2)) >= 2, resumed.stdout
     straight, again = adapter_tensors(tmp_path / "straight"), adapter_tensors(out)
     assert straight.keys() == again.keys()
     for key in straight:
@@ -174,6 +188,19 @@ def test_adapters_that_never_train_fail_loudly(tiny_model_dir, short_chats, tmp_
     with pytest.raises(GptossTuneError, match="received no update"):
         train(config(tiny_model_dir, short_chats, tmp_path / "run", max_steps=1, lr=0.0), log=lambda _: None)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_split_eval_keeps_every_turn_of_a_conversation_on_one_side():
+    from gptoss_tune.train.data import split_eval
+
+    sources = [0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 5, 6, 7, 7, 8, 9]  # turns of ten conversations
+    examples = list(range(len(sources)))
+    for seed in range(5):
+        train_part, held_out = split_eval(examples, sources, 0.3, seed)
+        trained = {sources[e] for e in train_part}
+        held = {sources[e] for e in held_out}
+        assert len(held) == 3 and not trained & held and trained | held == set(sources)
+        assert sorted(train_part + held_out) == examples
 
 
 def test_eval_fraction_holds_out_whole_conversations(tiny_model_dir, short_chats, tmp_path):
