@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from importlib import resources
 
 import openai_harmony as oh
@@ -17,7 +16,10 @@ from gptoss_tune.harmony.render import RenderOptions, keeps_thinking, render
 
 from cases import ALL_ROWS, MESSAGES_ROWS
 
-TODAY = datetime.date.today().isoformat()  # the official template writes today's date
+# The official template writes today's date (strftime_now); the comparisons pin it instead, so a run
+# that crosses midnight still compares like with like.
+PINNED_DATE = "2025-03-14"
+TODAY_CALL = 'strftime_now("%Y-%m-%d")'
 
 
 def conversation_of(name: str) -> Conversation:
@@ -34,7 +36,8 @@ def official_template() -> str:
     trl_copy = resources.files("trl").joinpath("chat_templates/gptoss.jinja").read_text()
     ours = resources.files("gptoss_tune.harmony").joinpath("chat_template.jinja").read_text()
     assert ours == trl_copy, "our packaged chat_template.jinja must be the official file"
-    return trl_copy
+    assert trl_copy.count(TODAY_CALL) == 1
+    return trl_copy.replace(TODAY_CALL, f'"{PINNED_DATE}"')
 
 
 def to_hf_messages(conversation: Conversation) -> list[dict]:
@@ -70,7 +73,7 @@ def official_ids(tokenizer, conversation: Conversation, effort: str) -> list[int
 @pytest.mark.parametrize("effort", ["medium", "high"])
 def test_hf_template_matches_official_jinja_template(hf_tokenizer, name, effort):
     for conversation in prefixes(conversation_of(name)):
-        ours = render(conversation, RenderOptions("hf", TODAY, effort)).ids
+        ours = render(conversation, RenderOptions("hf", PINNED_DATE, effort)).ids
         assert ours == official_ids(hf_tokenizer, conversation, effort)
 
 
@@ -81,7 +84,7 @@ def test_parallel_tool_calls_are_all_rendered_and_results_keep_their_names(hf_to
     conversation = conversation_of("parallel_tool_calls")
     assert [m.tool_call.name for m in conversation.messages if m.tool_call] == ["get_weather", "get_time"]
     assert [m.tool_name for m in conversation.messages if m.role == "tool"] == ["get_weather", "get_time"]
-    ours = render(conversation, RenderOptions("hf", TODAY)).ids
+    ours = render(conversation, RenderOptions("hf", PINNED_DATE)).ids
     text = encoding.decode(ours)
     assert (
         "<|start|>functions.get_weather to=assistant" in text
@@ -94,7 +97,7 @@ def test_parallel_tool_calls_are_all_rendered_and_results_keep_their_names(hf_to
 def test_literal_special_text_stays_text_where_the_template_route_breaks(hf_tokenizer, encoding):
     conversation = conversation_of("literal_special_text")
     for template in ("hf", "harmony"):
-        ids = render(conversation, RenderOptions(template, TODAY)).ids
+        ids = render(conversation, RenderOptions(template, PINNED_DATE)).ids
         assert ids.count(T.END) == 3 and ids.count(T.RETURN) == 1  # system, user, analysis; final
         assert "What does <|end|> mean?" in encoding.decode(ids)
     # The jinja + tokenizer route turns the literal text into control tokens.
