@@ -242,9 +242,9 @@ def check_output(output: Path, overwrite: bool) -> None:
         )
 
 
-def write_prepared(examples: list[Example], info: dict, output: Path, overwrite: bool) -> None:
-    """Write the dataset folder atomically: a temporary sibling renamed into place when complete."""
-    check_output(output, overwrite)
+def write_prepared(examples: list[Example], info: dict, output: Path) -> None:
+    """Write the dataset folder atomically: a temporary sibling renamed into place when complete
+    (`prepare` checked the output before the work)."""
     with atomic_directory(output, overwrite=True) as tmp:
         with _quiet_datasets():
             _to_dataset(examples).save_to_disk(str(tmp))
@@ -274,7 +274,7 @@ def prepare(
         "stats": stats.summary(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_prepared(examples, info, Path(output), overwrite)
+    write_prepared(examples, info, Path(output))
     return info
 
 

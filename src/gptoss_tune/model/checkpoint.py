@@ -413,9 +413,10 @@ def checkpoint_config(config: GptOssConfig, dtype: torch.dtype, mxfp4: bool) -> 
 
     fields = config.to_dict()
     generic = PretrainedConfig().to_dict()
-    for key in [
+    defaults = [
         key for key, value in fields.items() if (key in generic and generic[key] == value) or value is None
-    ]:
+    ]
+    for key in set(defaults) - {"transformers_version"}:
         del fields[key]
     fields.pop("quantization_config", None)
     fields.pop("_name_or_path", None)
@@ -425,7 +426,6 @@ def checkpoint_config(config: GptOssConfig, dtype: torch.dtype, mxfp4: bool) -> 
     fields["rope_scaling"] = rope
     fields["architectures"] = ["GptOssForCausalLM"]
     fields["dtype"] = fields["torch_dtype"] = str(dtype).removeprefix("torch.")
-    fields["transformers_version"] = config.to_dict().get("transformers_version")
     if mxfp4:
         fields["quantization_config"] = {
             "modules_to_not_convert": list(MXFP4_MODULES_NOT_CONVERTED),
